@@ -99,6 +99,8 @@ class ModelConfig:
         "float": t * tokens_per_second * second_per_grid_t (transformers 5.x);
         "int": second_per_grid_t truncated to an int first (0.5 -> 0, 1.5 -> 1), the rule the released
         VideoNSA was trained and evaluated with.
+    remat: rematerialisation policy of the scanned decoder layers ("none", "full", "dots",
+        "dots_no_batch"); a runtime setting, not written to config.json.
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -112,6 +114,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 151645
     pad_token_id: int | None = None
     rope_time_rule: Literal["float", "int"] = "float"
+    remat: str = "none"
 
     def replace(self, **overrides: Any) -> ModelConfig:
         """Returns a copy with `overrides` applied.

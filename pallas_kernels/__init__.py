@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU and TPU) for videonsa-jax, with their plain-JAX references."""

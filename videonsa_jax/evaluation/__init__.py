@@ -1,0 +1,1 @@
+"""Long-video benchmark evaluation: task formats (`tasks`) and the resumable harness (`harness`)."""

@@ -1,0 +1,148 @@
+"""Self-attention of a decoder layer and its variants ("dense" now; "videonsa*" plug in here).
+
+`Attention.__call__` projects q/k/v, applies M-RoPE, writes the KV cache, then calls `_attend`, the
+one place where the attention kinds differ. Everything a variant needs is at hand there: the
+layer's normed input `x`, post-RoPE `q`/`k`/`v`, and the per-forward `AttentionBatch` (vision-row
+mask, 3-D positions, key validity, query indices).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from videonsa_jax.config import ModelConfig
+from videonsa_jax.model import rope
+from videonsa_jax.model.layers import Linear
+
+# Finite, so that fully masked rows (padding queries) give a uniform average instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class AttentionBatch(NamedTuple):
+    """Per-forward inputs shared by all decoder layers (a pytree; not scanned over).
+
+    cos, sin: [B, T, head_dim] M-RoPE tables for the T query tokens (activation dtype).
+    q_index: [T] int32, slot of each query in the key sequence (arange(T) without a cache,
+        cache.index + arange(T) with one). Query t sees key s iff s <= q_index[t] and
+        kv_valid[b, s].
+    kv_valid: [B, S] bool, key slot holds a real (non-padding) token; S = T or the cache length.
+    vision_mask: [B, T] bool, query row is an image/video pad token.
+    positions: [3, B, T] int32 M-RoPE positions (t, h, w) of the queries.
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    q_index: jax.Array
+    kv_valid: jax.Array
+    vision_mask: jax.Array
+    positions: jax.Array
+
+
+class LayerCache(NamedTuple):
+    """One layer's KV cache: k, v [B, S, kv_heads, head_dim] (post-RoPE), filled from `index`."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array  # [] int32: first slot this call writes.
+
+
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_index: jax.Array,
+    kv_valid: jax.Array,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    """Causal grouped-query attention with an fp32 softmax.
+
+    Queries are processed in rematerialised chunks of `chunk_size`, so memory (forward and
+    backward) grows as chunk_size * S, not T * S.
+
+    Args:
+        q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq % Hkv == 0 (query head h uses kv head
+            h // (Hq // Hkv)).
+        q_index: [T] key slot of each query; key s is visible iff s <= q_index[t].
+        kv_valid: [B, S] bool, False for padding keys.
+
+    Returns:
+        [B, T, Hq, D] in q.dtype.
+    """
+    t = q.shape[1]
+    if t <= chunk_size:
+        return _dense_chunk(q, k, v, q_index, kv_valid)
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qc.reshape(q.shape[0], n, chunk_size, *q.shape[2:]), 1, 0)
+    ic = jnp.pad(q_index, (0, pad)).reshape(n, chunk_size)
+    step = jax.checkpoint(lambda args: _dense_chunk(args[0], k, v, args[1], kv_valid))
+    out = jax.lax.map(step, (qc, ic))  # [n, B, chunk, Hq, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk_size, *q.shape[2:])
+    return out[:, :t]
+
+
+def _dense_chunk(q, k, v, q_index, kv_valid):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    visible = jnp.arange(k.shape[1])[None, :] <= q_index[:, None]  # [T, S]
+    visible = visible[None] & kv_valid[:, None, :]  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """Qwen2 GQA self-attention: q/k/v with bias, o_proj without, M-RoPE on q and k."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        t = config.text
+        self.kind = config.attention.kind
+        self.num_heads = t.num_heads
+        self.num_kv_heads = t.num_kv_heads
+        self.head_dim = t.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        q_dim, kv_dim = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        self.q_proj = Linear(t.hidden_size, q_dim, use_bias=True, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(t.hidden_size, kv_dim, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(t.hidden_size, kv_dim, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(q_dim, t.hidden_size, use_bias=False, axes=("heads", "embed"), **kw)
+
+    def __call__(
+        self, x: jax.Array, batch: AttentionBatch, cache: LayerCache | None = None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x: [B, T, hidden] (normed layer input) -> ([B, T, hidden], updated cache or None)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = rope.apply_rotary(q, batch.cos, batch.sin)
+        k = rope.apply_rotary(k, batch.cos, batch.sin)
+        if cache is not None:
+            start = (0, cache.index, 0, 0)
+            cache = LayerCache(
+                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+                index=cache.index,
+            )
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+        out = self._attend(x, q, k, v, batch)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+    def _attend(
+        self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, batch: AttentionBatch
+    ) -> jax.Array:
+        """The attention kinds: q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
+        del x  # The VideoNSA gate MLP reads it.
+        if self.kind == "dense":
+            return dense_attention(q, k, v, q_index=batch.q_index, kv_valid=batch.kv_valid)
+        raise NotImplementedError(f"attention kind {self.kind!r} is not implemented yet")

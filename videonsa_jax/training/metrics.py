@@ -1,0 +1,83 @@
+"""TensorBoard event files (tensorboardX) and the console progress line.
+
+Only process 0 writes summaries and logs progress. Scalars logged by the loop: `train/loss`,
+`train/learning_rate`, `train/grad_norm`, `train/tokens_per_sec`, `train/step_time`,
+`train/nonfinite`, `train/skipped_samples`, `train/gate_*` (mean gate per NSA branch when the
+model reports them) and `eval/*`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+from absl import logging
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/tensorboard` (a no-op on processes other than 0)."""
+
+    def __init__(self, workdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Step timing, tokens/s and a one-line progress report with ETA.
+
+    The first measured step includes compilation, so the ETA uses the mean time of later steps.
+    """
+
+    def __init__(self, first_step: int, num_steps: int):
+        self.num_steps = num_steps
+        self._start = time.perf_counter()
+        self._last = self._start
+        self._first_step = first_step
+        self._timed_steps = 0
+        self._timed_secs = 0.0
+
+    def tick(self, step: int, tokens: int) -> dict[str, float]:
+        """Call after step `step` finished on the device; returns step time and tokens/s."""
+        now = time.perf_counter()
+        secs, self._last = now - self._last, now
+        if step > self._first_step + 1:
+            self._timed_steps += 1
+            self._timed_secs += secs
+        return {"step_time": secs, "tokens_per_sec": tokens / max(secs, 1e-9)}
+
+    def line(self, step: int, scalars: Mapping[str, float]) -> str:
+        """`step 120/400 (30%) | loss 1.234 | ... | 12.3 s elapsed | ETA 4m10s`."""
+        mean = self._timed_secs / self._timed_steps if self._timed_steps else None
+        eta = format_duration(mean * (self.num_steps - step)) if mean else "?"
+        parts = [f"step {step}/{self.num_steps} ({100 * step // max(self.num_steps, 1)}%)"]
+        for name, value in scalars.items():
+            parts.append(f"{name} {value:.4g}")
+        parts.append(f"{format_duration(time.perf_counter() - self._start)} elapsed")
+        parts.append(f"ETA {eta}")
+        return " | ".join(parts)
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        if jax.process_index() == 0:
+            logging.info("%s", self.line(step, scalars))
