@@ -16,7 +16,7 @@ swa `t-W < j <= t`; always `j < num_keys`. Selection membership comes from the t
 
 Layouts (built by `tpu.py`): q, dO [B, H, Tqp*G, D]; k, v [B, H, Tkp, D]; lse, delta
 [B, H, Tqp*G, 1] fp32; block indices [B, H, Tqp, S] int32; union lists [B, H, nqt, U] int32 with
-the count in slot 0 (blocked into SMEM per step); q_offset is a scalar-prefetch int32[1].
+the count in slot 0, shaped [B, H, nqt, 1, U] (a (1, U) block goes to SMEM each step); q_offset is a scalar-prefetch int32[1].
 
 Kernels and grids:
     fwd      grid (B, H, nqt)            q tile [M, D]; whole K/V head in VMEM, single-buffered
@@ -121,12 +121,14 @@ def tile_key_range(plan: Plan, t_first: Array, t_last: Array) -> tuple[Array, Ar
     cmp and swa only; the range is empty (last < first) when no key is visible.
     """
     kb, bs = plan.key_tile, plan.block_size
+    # Divisions of non-negative scalars: lax.div truncates (jnp's // needs sign, which Mosaic lacks).
     if plan.mode == "cmp":
-        last_block = jnp.minimum((t_last + 1) // bs - 1, plan.num_keys - 1)
-        return jnp.int32(0), jnp.where(last_block >= 0, last_block // kb, -1)
+        last_block = jnp.minimum(lax.div(jnp.maximum(t_last + 1, 0), bs) - 1, plan.num_keys - 1)
+        return jnp.int32(0), jnp.where(last_block >= 0, lax.div(jnp.maximum(last_block, 0), kb), -1)
     first_key = jnp.maximum(t_first - plan.window + 1, 0)
     last_key = jnp.minimum(t_last, plan.num_keys - 1)
-    return first_key // kb, jnp.where(last_key >= 0, last_key // kb, -1)
+    last = jnp.where(last_key >= 0, lax.div(jnp.maximum(last_key, 0), kb), -1)
+    return lax.div(first_key, kb), last
 
 
 def key_mask(plan: Plan, pos: Array, n: Array, member: Array | None) -> Array:
@@ -160,7 +162,7 @@ class TileContext:
         self.expand = expand_matrix(plan, tok) if idx_ref is not None else None
         self.list_ref = list_ref
         if plan.mode == "slc":
-            self.first, self.count = jnp.int32(1), list_ref[0]
+            self.first, self.count = jnp.int32(1), list_ref[0, 0]
         else:
             first, last = tile_key_range(plan, t_first, t_first + plan.q_tile - 1)
             self.first, self.count = first, jnp.maximum(last - first + 1, 0)
@@ -168,7 +170,7 @@ class TileContext:
     def tile_at(self, u: Array) -> Array:
         """Key-tile index of list entry u (0 <= u < count)."""
         if self.plan.mode == "slc":
-            return self.list_ref[self.first + u]
+            return self.list_ref[0, self.first + u]
         return self.first + u
 
     def mask(self, n: Array) -> Array:
@@ -283,10 +285,11 @@ def _specs(plan: Plan, d: int, s: int | None, u: int | None, bwd_dkv: bool = Fal
     if bwd_dkv:
         qmap = lambda b, h, c, i, off: (b, h, i, 0)
         idx_map = lambda b, h, c, i, off: (b, h, i, 0)
-        list_map = lambda b, h, c, i, off: (b, h, i, 0)
+        list_map = lambda b, h, c, i, off: (b, h, i, 0, 0)
         kv_map = lambda b, h, c, i, off: (b, h, c, 0)
     else:
-        qmap = idx_map = list_map = lambda b, h, i, off: (b, h, i, 0)
+        qmap = idx_map = lambda b, h, i, off: (b, h, i, 0)
+        list_map = lambda b, h, i, off: (b, h, i, 0, 0)
         kv_map = lambda b, h, i, off: (b, h, 0, 0)
     specs = {
         "q": pl.BlockSpec((None, None, m, d), qmap),
@@ -299,7 +302,7 @@ def _specs(plan: Plan, d: int, s: int | None, u: int | None, bwd_dkv: bool = Fal
     if plan.mode == "slc":
         specs["idx"] = pl.BlockSpec((None, None, tq, s), idx_map)
         specs["list"] = pl.BlockSpec(
-            (None, None, None, u), list_map, memory_space=pltpu.SMEM
+            (None, None, None, 1, u), list_map, memory_space=pltpu.SMEM
         )
     return specs
 
