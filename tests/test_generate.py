@@ -1,13 +1,13 @@
 """Generation: token-for-token parity with transformers' greedy `generate`, batching, sampling,
 stop tokens, streaming, and one compilation of the decode step for all tokens."""
 
+import hf_tiny as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_tiny as H
 from videonsa_jax import generate as gen
 from videonsa_jax.checkpoints import from_pretrained
 
@@ -51,7 +51,7 @@ def _hf_generate(hf, ids, pixels=None, grid=None, **kwargs):
 
 
 def _ours(model, prompts, pixels, grid, config, **kwargs):
-    ids, mask = gen.pad_prompts(prompts, config.pad_token_id)
+    ids, mask = gen.pad_prompts(prompts, config.pad_token_id, multiple=32)
     has_video = [H.VIDEO_PAD in p for p in prompts]
     vision = {}
     if any(has_video):
@@ -159,7 +159,8 @@ def test_process_logits_matches_transformers_warpers():
     config = gen.GenerationConfig(
         do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3
     )
-    ours = np.asarray(gen._process_logits(jnp.asarray(logits), jnp.asarray(seen), config))
+    params = gen._Params.of(config)
+    ours = np.asarray(gen._process_logits(jnp.asarray(logits), jnp.asarray(seen), params, True))
     processors = lp.LogitsProcessorList(
         [
             lp.RepetitionPenaltyLogitsProcessor(1.3),

@@ -5,12 +5,14 @@ Every case compares the M-RoPE positions, the vision features and the logits (ma
 multiple of the window (8 patches).
 """
 
+import hf_tiny as H
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
-import hf_tiny as H
 from videonsa_jax.checkpoints import from_pretrained
 
 TOL = 1e-4
@@ -18,11 +20,26 @@ IMAGE = (1, 20, 12)  # 3 x 2 windows, the last row and column partial
 VIDEO = (4, 12, 20)  # 4 temporal groups, 2 x 3 windows per frame
 
 
+@jax.jit
+def _run(state, inputs):
+    """(vision features or None, logits): one compiled program per input shape."""
+    model = nnx.merge(_GRAPHDEF[0], state)
+    features = None
+    if inputs.pixel_rows is not None:
+        features = model.visual(inputs.pixel_rows, inputs.vision_layout)
+    return features, model.forward(inputs)
+
+
+_GRAPHDEF = []
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     torch_model = H.save_tiny(path)
-    return torch_model, from_pretrained(path, dtype=jnp.float32), path
+    model = from_pretrained(path, dtype=jnp.float32)
+    _GRAPHDEF[:] = [nnx.graphdef(model)]
+    return torch_model, model, path
 
 
 def _vision_kwargs(rng, images=(), videos=(), spg=None):
@@ -39,14 +56,14 @@ def _vision_kwargs(rng, images=(), videos=(), spg=None):
 
 
 def _check(models, ids, mask=None, **vision):
-    """Compares positions, vision features and logits; returns the max logit error."""
+    """Compares positions, vision features and logits; returns our logits."""
     torch_model, model, _ = models
     ids = np.asarray(ids)
     mask = np.ones_like(ids) if mask is None else np.asarray(mask)
     inputs = model.prepare_inputs(ids, mask, **vision)
 
     if "image_grid_thw" in vision or "video_grid_thw" in vision:
-        t = {k: torch.from_numpy(np.asarray(v)) for k, v in vision.items() if k.endswith("grid_thw")}
+        t = {k: torch.from_numpy(v) for k, v in vision.items() if k.endswith("grid_thw")}
         spg = vision.get("second_per_grid_ts")
         ref_pos, ref_delta = torch_model.model.get_rope_index(
             torch.from_numpy(ids).long(),
@@ -67,15 +84,15 @@ def _check(models, ids, mask=None, **vision):
                         torch.from_numpy(pixels), grid_thw=t[f"{kind}_grid_thw"]
                     )
                 ref_features.append(out.pooler_output.numpy())
-        features = model.visual(jnp.asarray(inputs.pixel_rows), inputs.vision_layout)
+    features, logits = _run(nnx.state(model), inputs)
+    if features is not None:
         np.testing.assert_allclose(features, np.concatenate(ref_features), atol=TOL, rtol=0)
 
     ref = H.torch_logits(torch_model, ids, mask, **vision)
-    out = np.asarray(model(ids, mask, **vision))
-    assert out.shape == ref.shape
-    err = float(np.abs(out - ref)[mask.astype(bool)].max())
+    assert logits.shape == ref.shape
+    err = float(np.abs(np.asarray(logits) - ref)[mask.astype(bool)].max())
     assert err <= TOL, err
-    return err
+    return logits
 
 
 def test_text_only(models):
@@ -83,10 +100,27 @@ def test_text_only(models):
     _check(models, [H.random_text(rng, 23)])
 
 
+def test_contract_call(models):
+    """model(input_ids, ...) = prepare_inputs + jitted forward; a 1-D prompt is a batch of one."""
+    torch_model, model, _ = models
+    rng = np.random.default_rng(0)
+    ids = np.array(H.random_text(rng, 9))
+    ref = H.torch_logits(torch_model, ids[None])
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=TOL, rtol=0)
+
+
 def test_one_image(models):
     rng = np.random.default_rng(1)
     ids = H.random_text(rng, 5) + H.vision_span(IMAGE, H.IMAGE_PAD) + H.random_text(rng, 7)
-    _check(models, [ids], **_vision_kwargs(rng, images=[IMAGE]))
+    kwargs = _vision_kwargs(rng, images=[IMAGE])
+    exact = _check(models, [ids], **kwargs)
+
+    # Padding the ViT rows to a fixed count (for static shapes) changes nothing.
+    model = models[1]
+    n = int(np.prod(IMAGE)) + 32
+    padded = model.prepare_inputs([ids], **kwargs, num_patches=n)
+    assert padded.pixel_rows.shape[0] == n
+    np.testing.assert_allclose(_run(nnx.state(model), padded)[1], exact, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("spg", [0.5, 1.0, 1.5, 2.0])
@@ -124,19 +158,6 @@ def test_padded_batch(models):
         mask[b, length - len(row) :] = 1
     kwargs = _vision_kwargs(rng, images=[small_image], videos=[video], spg=[0.5])
     _check(models, ids, mask, **kwargs)
-
-
-def test_padded_patches_change_nothing(models):
-    """prepare_inputs(num_patches=...) pads the ViT rows; the padding rows are dropped."""
-    _, model, _ = models
-    rng = np.random.default_rng(5)
-    ids = np.array([H.random_text(rng, 2) + H.vision_span(IMAGE, H.IMAGE_PAD)])
-    kwargs = _vision_kwargs(rng, images=[IMAGE])
-    exact = model.forward(model.prepare_inputs(ids, **kwargs))
-    n = int(np.prod(IMAGE)) + 32
-    padded = model.prepare_inputs(ids, **kwargs, num_patches=n)
-    assert padded.pixel_rows.shape[0] == n
-    np.testing.assert_allclose(model.forward(padded), exact, atol=1e-5, rtol=0)
 
 
 def test_int_time_rule(models):

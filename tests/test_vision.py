@@ -139,16 +139,20 @@ def test_layout_groups_match_transformers_partition(models):
     window_index, cu = get_vision_window_index(torch.from_numpy(grid), 2, 112, 14)
     rows = (window_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
     cu = cu.numpy()
-    expected = {frozenset(rows[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:])}
+    expected = {frozenset(rows[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:], strict=True)}
     got = {
-        frozenset(idx[ok].tolist()) for idx, ok in zip(layout.window_index, layout.window_valid)
+        frozenset(idx[ok].tolist())
+        for idx, ok in zip(layout.window_index, layout.window_valid, strict=True)
     }
     assert got == expected
     # full attention: one temporal slice of one item.
     sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    expected = {frozenset(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])}
-    got = {frozenset(idx[ok].tolist()) for idx, ok in zip(layout.full_index, layout.full_valid)}
+    expected = {frozenset(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    got = {
+        frozenset(idx[ok].tolist())
+        for idx, ok in zip(layout.full_index, layout.full_valid, strict=True)
+    }
     assert got == expected
     flat = layout.window_index.reshape(-1)[layout.window_inverse]
     np.testing.assert_array_equal(flat, np.arange(len(flat)))

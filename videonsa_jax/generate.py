@@ -27,7 +27,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,64 +159,81 @@ def check_context(model: Qwen2_5_VL, prompt_length: int, max_new_tokens: int) ->
         )
 
 
-def _process_logits(logits: jax.Array, seen: jax.Array | None, config: GenerationConfig):
+class _Params(NamedTuple):
+    """The traced decoding settings (changing them does not recompile)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    eos_token_ids: jax.Array
+    pad_token_id: jax.Array
+
+    @classmethod
+    def of(cls, config: GenerationConfig) -> _Params:
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+        return cls(
+            f32(config.temperature),
+            i32(config.top_k),
+            f32(config.top_p),
+            f32(config.repetition_penalty),
+            i32(config.eos_token_ids),
+            i32(config.pad_token_id),
+        )
+
+
+def _process_logits(logits: jax.Array, seen: jax.Array, params: _Params, do_sample: bool):
     """Repetition penalty, then (when sampling) temperature, top-k and top-p; fp32 [B, V]."""
     logits = logits.astype(jnp.float32)
-    if seen is not None:
-        p = config.repetition_penalty
-        logits = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
-    if not config.do_sample:
+    p = params.repetition_penalty
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+    if not do_sample:
         return logits
-    logits = logits / config.temperature
-    if config.top_k > 0:
-        kth = jax.lax.top_k(logits, min(config.top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if config.top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # Mass of the tokens ranked above.
-        kept = jnp.where(before < config.top_p, ordered, jnp.inf)
-        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
-    return logits
+    logits = logits / params.temperature
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.clip(params.top_k, 1, logits.shape[-1])
+    kth = jnp.take(ordered, k - 1, axis=-1)[..., None]
+    logits = jnp.where((params.top_k > 0) & (logits < kth), -jnp.inf, logits)
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # Mass of the tokens ranked above.
+    kept = jnp.where(before < params.top_p, ordered, jnp.inf)
+    return jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
-def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
-    if config.do_sample:
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def _step_outputs(logits, seen, finished, key, config: GenerationConfig):
+def _step_outputs(logits, seen, finished, key, params: _Params, do_sample: bool):
     """Picks the next token per row; updates the seen-token mask and the finished flags."""
     key, sub = jax.random.split(key)
-    token = _choose(_process_logits(logits, seen, config), sub, config)
-    token = jnp.where(finished, config.pad_token_id, token)
-    if seen is not None:
-        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-    finished = finished | jnp.isin(token, jnp.asarray(config.eos_token_ids, jnp.int32))
+    logits = _process_logits(logits, seen, params, do_sample)
+    if do_sample:
+        token = jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32)
+    else:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = jnp.where(finished, params.pad_token_id, token)
+    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    finished = finished | jnp.isin(token, params.eos_token_ids)
     return token, seen, finished, key
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, key, config: GenerationConfig):
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample"))
+def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, key, params, do_sample: bool):
     model = nnx.merge(graphdef, state)
     hidden, cache = model.hidden_states(inputs, cache)
     mask = jnp.asarray(inputs.attention_mask).astype(bool)
-    b, length = mask.shape
+    b = mask.shape[0]
     last = jnp.sum(mask, axis=1) - 1
     logits = model.logits(hidden[jnp.arange(b), last])
-    seen = None
-    if config.repetition_penalty != 1.0:
-        ids = jnp.where(mask, jnp.asarray(inputs.input_ids), logits.shape[-1])
-        seen = jnp.zeros((b, logits.shape[-1] + 1), bool).at[jnp.arange(b)[:, None], ids].set(True)
-        seen = seen[:, :-1]
+    vocab = logits.shape[-1]
+    ids = jnp.where(mask, jnp.asarray(inputs.input_ids), vocab)  # Padding -> a dropped column.
+    seen = jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], ids].set(True)[:, :vocab]
     finished = jnp.zeros((b,), bool)
-    token, seen, finished, key = _step_outputs(logits, seen, finished, key, config)
+    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params, do_sample)
     return token, cache, seen, finished, key
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache", "seen")
+    jax.jit, static_argnames=("graphdef", "do_sample"), donate_argnames=("cache", "seen")
 )
 def _decode_step(
     graphdef,
@@ -227,13 +244,14 @@ def _decode_step(
     seen,
     finished,
     key,
-    config: GenerationConfig,
+    params,
+    do_sample: bool,
 ):
     model = nnx.merge(graphdef, state)
     inputs = decode_inputs(token[:, None], cache, rope_deltas)
     hidden, cache = model.hidden_states(inputs, cache)
     logits = model.logits(hidden[:, -1])
-    token, seen, finished, key = _step_outputs(logits, seen, finished, key, config)
+    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params, do_sample)
     return token, cache, seen, finished, key
 
 
@@ -264,12 +282,16 @@ def generate(
     cache = model.init_cache(b, length + config.max_new_tokens)
     key = jax.random.key(0) if rng is None else rng
     rope_deltas = jnp.asarray(inputs.rope_deltas)
-    token, cache, seen, finished, key = _prefill(graphdef, state, inputs, cache, key, config=config)
+    params = _Params.of(config)
+    token, cache, seen, finished, key = _prefill(
+        graphdef, state, inputs, cache, key, params, do_sample=config.do_sample
+    )
     tokens = []
     for step in range(config.max_new_tokens):
         if step:
+            state_in = (token, cache, rope_deltas, seen, finished, key, params)
             token, cache, seen, finished, key = _decode_step(
-                graphdef, state, token, cache, rope_deltas, seen, finished, key, config=config
+                graphdef, state, *state_in, do_sample=config.do_sample
             )
         host_token = np.asarray(token)
         tokens.append(host_token)

@@ -15,6 +15,7 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID env vars) initialis
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
 import signal
 import sys
@@ -254,16 +255,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
         _export(graphdef, state, rest, os.path.join(workdir, "export"))
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO records of orbax and JAX internals (dozens per checkpoint)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        noisy = any(s in record.pathname for s in ("/orbax/", "/jax/_src/"))
+        return record.levelno >= std_logging.WARNING or not noisy
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; a bad `--config.key=value` override exits with one line, no traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown key
+        lines = [x.strip("'\" ") for x in str(e).replace("\\n", "\n").replace("\\", "").split("\n")]
+        sys.exit(f"error: unknown config key {lines[0]!r} ({' '.join(lines[1:]) or str(e)})")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     maybe_initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainingError as e:
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

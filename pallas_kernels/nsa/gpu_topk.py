@@ -47,7 +47,7 @@ def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
     n_hi = jnp.minimum(t_hi // bs + 1, nb)
     dd = jnp.arange(d, dtype=jnp.int32)[None, :]
 
-    def tile_body(jt, _):
+    def tile_body(jt, carry):
         n0 = jt * SCORE_BLOCKS
         n = n0 + jnp.arange(SCORE_BLOCKS, dtype=jnp.int32)
         kc = plgpu.load(kc_ref.at[b, pl.ds(n0, SCORE_BLOCKS), h, :], mask=(n < nb)[:, None],
@@ -68,9 +68,9 @@ def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
         imp = jnp.where(forced, float(g), imp)
         imp = jnp.where(n <= cur, imp, -1.0)
         plgpu.store(imp_ref.at[b, h, tok[:, None], n], imp, mask=valid[:, None] & (n < nb))
-        return 0
+        return carry
 
-    lax.fori_loop(0, (n_hi + SCORE_BLOCKS - 1) // SCORE_BLOCKS, tile_body, 0)
+    lax.fori_loop(0, (n_hi + SCORE_BLOCKS - 1) // SCORE_BLOCKS, tile_body, jnp.int32(0))
 
 
 def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs):

@@ -93,7 +93,7 @@ def get_rope_index(
     *,
     config: ModelConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """3D M-RoPE positions of a batch of prompts, as transformers 5.x `get_rope_index` computes them.
+    """3D M-RoPE positions of a batch of prompts, as transformers 5.x `get_rope_index` computes.
 
     Each row is processed over its non-padded tokens. Runs of `<|image_pad|>` / `<|video_pad|>`
     tokens (ids from `config`) take the next image / video grid in order over the whole batch; a
@@ -154,10 +154,10 @@ def get_rope_index(
     for b in range(batch):
         types = token_type[b][mask[b]]
         chunks, start = [], 0
-        for kind, run_start, run_end in _runs(types):
+        for kind, run_len in _runs(types):
             if kind == _TEXT:
-                chunks.append(np.broadcast_to(start + np.arange(run_end - run_start), (3, run_end - run_start)))
-                start += run_end - run_start
+                chunks.append(np.broadcast_to(start + np.arange(run_len), (3, run_len)))
+                start += run_len
                 continue
             grid = next(grids[kind], None)
             if grid is None:
@@ -165,9 +165,9 @@ def get_rope_index(
                 raise ValueError(f"row {b}: more {name} token runs than {name}_grid_thw entries")
             t, h, w = (int(v) for v in grid)
             gh, gw = h // merge, w // merge
-            if run_end - run_start != t * gh * gw:
+            if run_len != t * gh * gw:
                 raise ValueError(
-                    f"row {b}: a run of {run_end - run_start} vision tokens does not match the grid "
+                    f"row {b}: a run of {run_len} vision tokens does not match the grid "
                     f"{(t, h, w)} ({t * gh * gw} tokens)"
                 )
             spg = next(spgs, np.float32(1.0)) if kind == _VIDEO else None
@@ -177,7 +177,7 @@ def get_rope_index(
             ).reshape(3, -1)
             chunks.append(grid_pos + start)
             if config.rope_time_rule == "int":
-                start = int(grid_pos.max()) + start + 1
+                start += int(grid_pos.max()) + 1
             else:
                 start += max(gh, gw)
         row = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
@@ -186,14 +186,13 @@ def get_rope_index(
     return position_ids, deltas
 
 
-def _runs(types: np.ndarray) -> list[tuple[int, int, int]]:
-    """Maximal runs of equal values: [(value, start, end)]."""
+def _runs(types: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of equal values: [(value, run length)]."""
     if types.size == 0:
         return []
-    bounds = np.flatnonzero(np.diff(types)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [types.size]])
-    return [(int(types[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(types)) + 1])
+    lengths = np.diff(np.concatenate([starts, [types.size]]))
+    return [(int(types[s]), int(n)) for s, n in zip(starts, lengths, strict=True)]
 
 
 def _temporal_index(t: int, spg: np.float32 | None, tps: int, rule: str) -> np.ndarray:

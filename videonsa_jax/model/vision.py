@@ -79,7 +79,7 @@ def prepare_vision_layout(
     num_slices: int | None = None,
     slice_len: int | None = None,
 ) -> VisionLayout:
-    """Builds the `VisionLayout` of the items `grid_thw` (rows in processor order, items concatenated).
+    """The `VisionLayout` of the items `grid_thw` (processor row order, items concatenated).
 
     The keyword sizes pad the arrays to fixed shapes so that jitted shapes stay static across
     batches; each defaults to the exact size and must be >= it. Padded patch rows (beyond the
@@ -102,9 +102,7 @@ def prepare_vision_layout(
     n_real = int(np.sum(np.prod(grid_thw, axis=1)))
     num_patches = n_real if num_patches is None else num_patches
     if num_patches < n_real or num_patches % unit:
-        raise ValueError(
-            f"num_patches={num_patches} must be >= {n_real} and a multiple of {unit}"
-        )
+        raise ValueError(f"num_patches={num_patches} must be >= {n_real} and a multiple of {unit}")
 
     window_of_row, slice_of_row = [], []
     n_win = n_slice = 0
@@ -268,7 +266,9 @@ class PatchMerger(nnx.Module):
         merged = config.hidden_size * config.spatial_merge_size**2
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.ln_q = RMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps, axis_name="vision_embed",
+            config.hidden_size,
+            eps=config.rms_norm_eps,
+            axis_name="vision_embed",
             param_dtype=param_dtype,
         )
         self.mlp_0 = Linear(merged, merged, axes=("vision_merged", "vision_mlp"), **kw)
@@ -286,12 +286,18 @@ class VisionTransformer(nnx.Module):
     `pixel_values` to the tower's dtype); rotary tables and q/k rotation are fp32.
     """
 
-    def __init__(self, config: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.config = config
         self.patch_embed = Linear(
-            config.patch_dim, config.hidden_size, use_bias=False, axes=(None, "vision_embed"),
-            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+            config.patch_dim,
+            config.hidden_size,
+            use_bias=False,
+            axes=(None, "vision_embed"),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )
         self.blocks = nnx.List(
             [

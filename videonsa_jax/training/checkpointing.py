@@ -52,14 +52,14 @@ class _IteratorState:
 
 
 class Checkpointer:
-    """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
+    """Saves at multiples of `save_every` (and when forced), keeps the newest `keep`."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
         self._corrupt_dir = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        self._save_every = save_every
         self._last_saved = None
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
             max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,
@@ -77,13 +77,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iter: DataIterator, *, force: bool = False) -> bool:
         """Starts saving `state` and the iterator position at `step` if due (or forced)."""
-        if step == self._last_saved or not (force or self._manager.should_save(step)):
+        if step == self._last_saved or not (force or step % self._save_every == 0):
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_IteratorState(data_iter.get_state())),
         )
-        saved = self._manager.save(step, args=args, force=force)
+        saved = self._manager.save(step, args=args, force=True)
         if saved:
             self._last_saved = step
             logging.info("checkpoint: saving step %d to %s", step, self.directory)

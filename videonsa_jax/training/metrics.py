@@ -8,13 +8,16 @@ model reports them) and `eval/*`.
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
 import time
 from collections.abc import Mapping
 
 import jax
 from absl import logging
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 
 class MetricWriter:
@@ -35,6 +38,28 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the event files of `<workdir>/tensorboard` (later files win).
+
+    Reads the TFRecord framing directly (length, crc, payload, crc; crcs not checked).
+    """
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            payload = data[offset + 12 : offset + 12 + length]
+            offset += 12 + length + 4
+            if len(payload) < length:
+                break  # a record cut short by a killed writer
+            event = event_pb2.Event.FromString(payload)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
 
 
 def format_duration(seconds: float) -> str:

@@ -1,0 +1,119 @@
+"""NSA (variant `videonsa`) on GPU with Pallas-Triton kernels: `nsa_gpu`.
+
+Pipeline (q [B, Tq, HQ, D], k/v [B, Tk, H, D], any G = HQ / H):
+    kc, vc   = mean_pool(k), mean_pool(v)                          XLA
+    o_cmp    = compression attention + lse                         gpu_flash ("cmp")
+    idx      = top-S blocks from (q, kc, lse), no gradient         gpu_topk
+    o_slc    = selection attention over idx                        gpu_selection
+    o_swa    = sliding-window attention                            gpu_flash ("swa")
+    o        = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa              XLA (autodiff gives gate grads)
+Each attention branch is a `jax.custom_vjp` whose backward runs the matching Pallas kernels; the
+pooling and the gated sum are differentiated by JAX. On CPU pass interpret=True.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.nsa import gpu_flash, gpu_selection
+from pallas_kernels.nsa.gpu_topk import select_blocks
+from pallas_kernels.nsa.reference import combine, default_scale, mean_pool
+
+Array = jax.Array
+
+
+class _Cfg(NamedTuple):
+    mode: str
+    scale: float
+    block_size: int
+    window: int
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q: Array, k: Array, v: Array, off: Array, cfg: _Cfg) -> tuple[Array, Array]:
+    return gpu_flash.flash_fwd(q, k, v, off, mode=cfg.mode, scale=cfg.scale,
+                               block_size=cfg.block_size, window=cfg.window,
+                               interpret=cfg.interpret)
+
+
+def _flash_fwd(q, k, v, off, cfg):
+    o, lse = _flash(q, k, v, off, cfg)
+    return (o, lse), (q, k, v, off, o, lse)
+
+
+def _flash_bwd(cfg, res, cts):
+    q, k, v, off, o, lse = res
+    dq, dk, dv = gpu_flash.flash_bwd(q, k, v, o, lse, cts[0], off, mode=cfg.mode, scale=cfg.scale,
+                                     block_size=cfg.block_size, window=cfg.window,
+                                     interpret=cfg.interpret)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _selection(q: Array, k: Array, v: Array, idx: Array, off: Array, cfg: _Cfg) -> Array:
+    return gpu_selection.selection_fwd(q, k, v, idx, off, scale=cfg.scale,
+                                       block_size=cfg.block_size, interpret=cfg.interpret)[0]
+
+
+def _selection_fwd(q, k, v, idx, off, cfg):
+    o, lse = gpu_selection.selection_fwd(q, k, v, idx, off, scale=cfg.scale,
+                                         block_size=cfg.block_size, interpret=cfg.interpret)
+    return o, (q, k, v, idx, off, o, lse)
+
+
+def _selection_bwd(cfg, res, do):
+    q, k, v, idx, off, o, lse = res
+    dq, dk, dv = gpu_selection.selection_bwd(q, k, v, idx, o, lse, do, off, scale=cfg.scale,
+                                             block_size=cfg.block_size, interpret=cfg.interpret)
+    return dq, dk, dv, None, None
+
+
+_selection.defvjp(_selection_fwd, _selection_bwd)
+
+
+def nsa_branches(q: Array, k: Array, v: Array, *, block_size: int, block_count: int,
+                 window_size: int, scale: float | None = None, q_offset: int | Array = 0,
+                 interpret: bool = False) -> tuple[Array, Array, Array, Array]:
+    """The three branch outputs [B, Tq, HQ, D] and the block indices [B, Tq, H, S]."""
+    scale = default_scale(q.shape[-1], scale)
+    off = jnp.asarray(q_offset, jnp.int32).reshape(1)
+    cfg = _Cfg("cmp", scale, block_size, window_size, interpret)
+    kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
+    o_cmp, lse = _flash(q, kc, vc, off, cfg)
+    sg = jax.lax.stop_gradient
+    idx = select_blocks(sg(q), sg(kc), sg(lse), off, block_size=block_size,
+                        block_count=block_count, scale=scale, interpret=interpret)
+    o_slc = _selection(q, k, v, idx, off, cfg)
+    o_swa, _ = _flash(q, k, v, off, cfg._replace(mode="swa"))
+    return o_cmp, o_slc, o_swa, idx
+
+
+def nsa_gpu(q: Array, k: Array, v: Array, g_cmp: Array, g_slc: Array, g_swa: Array, *,
+            block_size: int, block_count: int, window_size: int, scale: float | None = None,
+            q_offset: int | Array = 0, return_block_indices: bool = False,
+            interpret: bool = False) -> Array | tuple[Array, Array]:
+    """Native Sparse Attention (`videonsa`), same contract as `reference.nsa_reference`.
+
+    Args:
+        q: [B, Tq, HQ, D]; k, v: [B, Tk, H, D]; gates [B, Tq, HQ] in (0, 1).
+        block_size, block_count, window_size, scale, q_offset: as in `nsa_reference`
+            (q_offset may be a traced int32 scalar).
+        return_block_indices: also return the int32 [B, Tq, H, S] selection.
+        interpret: run the kernels in Pallas interpret mode (CPU).
+
+    Returns:
+        o [B, Tq, HQ, D] in q.dtype (and the block indices if requested).
+    """
+    o_cmp, o_slc, o_swa, idx = nsa_branches(
+        q, k, v, block_size=block_size, block_count=block_count, window_size=window_size,
+        scale=scale, q_offset=q_offset, interpret=interpret)
+    o = combine(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+    return (o, idx) if return_block_indices else o

@@ -1,0 +1,240 @@
+"""Selection attention (one softmax over the tokens of the S selected blocks) in Pallas-Triton.
+
+Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, Tk, H, D]; idx int32 [B, Tq, H, S] (-1 = unused);
+lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
+
+    forward  grid (Tq, B*H), token-fastest so that concurrent programs share one KV head's K/V in
+             L2. A program holds the G query heads of one token as a [Gp, D] tile
+             (Gp = max(16, next pow2 of G), the MMA minimum; extra rows are masked, never loaded)
+             and walks its S blocks ([BS, D] K and V each) with an online softmax.
+    dq       same grid and walk, p recomputed from lse.
+    dk/dv    KV-block-major over an inverse index (CSR, built by a stable sort of the T*S
+             (block, token) pairs): one program per work item = (block, <= ITEM entries of the
+             tokens that selected it); the [BS, D] K/V block stays resident while the gathered
+             packed rows [64, D] of its queries stream through. Blocks selected by many tokens
+             (block 0 is forced for all) are cut into several items whose fp32 partials
+             [B, H, items, BS, D] XLA sums: no atomics, no scan over all tokens.
+Memory: CSR int32 4*B*H*Tq*S bytes (x3 during the sort); partials 2 * 4*B*H*items*BS*D bytes with
+items <= NB + Tq*S / ITEM.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.nsa.gpu_common import (
+    LN2,
+    LOG2E,
+    NEG,
+    call,
+    dot,
+    load_block,
+    load_rows,
+    load_stat,
+    next_pow2,
+    packed_rows,
+    store_rows,
+    store_stat,
+)
+
+Array = jax.Array
+
+ITEM = 2048  # CSR entries (tokens) per dk/dv work item
+DKV_ROWS = 64
+
+
+def _token_rows(i: Array, g: int, tq: int, h: Array):
+    gp = max(16, next_pow2(g))
+    r = jnp.arange(gp, dtype=jnp.int32)
+    valid = (r < g) & (i < tq)
+    return jnp.where(valid, i, tq), h * g + r, valid
+
+
+def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, g, scale, bs, count):
+    i, bh = pl.program_id(0), pl.program_id(1)
+    _, tq, _, d = q_ref.shape
+    tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+    b, h = bh // h_kv, bh % h_kv
+    t = off_ref[0] + i
+    tok, head, valid = _token_rows(i, g, tq, h)
+    q = load_rows(q_ref, b, tok, head, valid)
+    c = scale * LOG2E
+    gp = q.shape[0]
+
+    def body(s, carry):
+        acc, m, l = carry
+        n = idx_ref[b, i, h, s]
+        j0 = n * bs
+        k = load_block(k_ref, b, j0, bs, h, tk)
+        v = load_block(v_ref, b, j0, bs, h, tk)
+        j = j0 + jnp.arange(bs, dtype=jnp.int32)
+        mask = ((n >= 0) & (j <= t) & (j < tk))[None, :]
+        sc = jnp.where(mask, dot(q, k, trans_b=True) * c, NEG)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(mask, jnp.exp2(sc - m_new[:, None]), 0.0)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    init = (
+        jnp.zeros((gp, d), jnp.float32),
+        jnp.full((gp,), NEG, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, count, body, init)
+    nonempty = l > 0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    store_rows(o_ref, b, tok, head, valid, acc / l_safe[:, None])
+    store_stat(lse_ref, b, tok, head, valid,
+               jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, -jnp.inf))
+
+
+def _dq_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, dl_ref, dq_ref, *, g,
+               scale, bs, count):
+    i, bh = pl.program_id(0), pl.program_id(1)
+    _, tq, _, d = q_ref.shape
+    tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+    b, h = bh // h_kv, bh % h_kv
+    t = off_ref[0] + i
+    tok, head, valid = _token_rows(i, g, tq, h)
+    q = load_rows(q_ref, b, tok, head, valid)
+    do = load_rows(do_ref, b, tok, head, valid)
+    lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
+    delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+    c = scale * LOG2E
+
+    def body(s, dq):
+        n = idx_ref[b, i, h, s]
+        j0 = n * bs
+        k = load_block(k_ref, b, j0, bs, h, tk)
+        v = load_block(v_ref, b, j0, bs, h, tk)
+        j = j0 + jnp.arange(bs, dtype=jnp.int32)
+        mask = ((n >= 0) & (j <= t) & (j < tk))[None, :]
+        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
+        ds = p * (dot(do, v, trans_b=True) - delta)
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, count, body, jnp.zeros((q.shape[0], d), jnp.float32))
+    store_rows(dq_ref, b, tok, head, valid, dq * scale)
+
+
+def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, tok_ref, blk_ref, start_ref,
+                end_ref, dk_ref, dv_ref, *, g, scale, bs):
+    w, bh = pl.program_id(0), pl.program_id(1)
+    _, tq, _, d = q_ref.shape
+    tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+    b, h = bh // h_kv, bh % h_kv
+    off = off_ref[0]
+    n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
+    j0 = n * bs
+    k = load_block(k_ref, b, j0, bs, h, tk)
+    v = load_block(v_ref, b, j0, bs, h, tk)
+    j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
+    per = DKV_ROWS // g
+    r = jnp.arange(DKV_ROWS, dtype=jnp.int32)
+    head = h * g + r % g
+    c = scale * LOG2E
+
+    def body(chunk, carry):
+        dk, dv = carry
+        e = e0 + chunk * per + r // g
+        valid = (r < per * g) & (e < e1)
+        tok = plgpu.load(tok_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=tq)
+        t = (off + tok)[:, None]
+        q = load_rows(q_ref, b, tok, head, valid)
+        do = load_rows(do_ref, b, tok, head, valid)
+        lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
+        delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+        mask = valid[:, None] & (j <= t) & (j < tk)
+        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (dot(do, v, trans_b=True) - delta)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    zeros = jnp.zeros((bs, d), jnp.float32)
+    dk, dv = lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, (zeros, zeros))
+    dk_ref[b, h, w] = dk * scale
+    dv_ref[b, h, w] = dv
+
+
+def selection_fwd(q, k, v, idx, off, *, scale: float, block_size: int,
+                  interpret: bool) -> tuple[Array, Array]:
+    """-> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32)."""
+    bsz, tq, hq, _ = q.shape
+    h = k.shape[2]
+    kern = functools.partial(_fwd_kernel, g=hq // h, scale=scale, bs=block_size,
+                             count=idx.shape[-1])
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
+    return call(kern, (tq, bsz * h), out, interpret, 4, 3, off, q, k, v, idx)
+
+
+def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
+    """CSR of block -> selecting tokens, cut into work items of <= ITEM entries.
+
+    Returns sorted tokens [B, H, Tq*S] and per item: block (-1 = no work), start, end [B, H, NI].
+    """
+    bsz, tq, h, s = idx.shape
+    key = jnp.where(idx >= 0, idx, nb).transpose(0, 2, 1, 3).reshape(bsz, h, tq * s)
+    pos = lax.broadcasted_iota(jnp.int32, key.shape, 2)
+    sorted_key, order = lax.sort((key, pos), dimension=2, num_keys=1, is_stable=True)
+    tokens = order // s
+    search = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side="left")))
+    offsets = search(sorted_key, jnp.broadcast_to(jnp.arange(nb + 1, dtype=jnp.int32),
+                                                  (bsz, h, nb + 1))).astype(jnp.int32)
+    counts = offsets[..., 1:] - offsets[..., :-1]
+    items = (counts + ITEM - 1) // ITEM
+    items_end = jnp.cumsum(items, axis=-1)
+    n_items = nb + -(-(tq * s) // ITEM)
+    w = jnp.broadcast_to(jnp.arange(n_items, dtype=jnp.int32), (bsz, h, n_items))
+    blk = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side="right")))(items_end, w)
+    blk = blk.astype(jnp.int32)
+    real = blk < nb
+    blk_c = jnp.minimum(blk, nb - 1)
+    take = functools.partial(jnp.take_along_axis, axis=-1)
+    local = w - (take(items_end, blk_c) - take(items, blk_c))
+    start = take(offsets, blk_c) + local * ITEM
+    end = jnp.minimum(start + ITEM, take(offsets, blk_c + 1))
+    zero = jnp.zeros_like(start)
+    return tokens, jnp.where(real, blk, -1), jnp.where(real, start, zero), jnp.where(real, end,
+                                                                                      zero)
+
+
+def selection_bwd(q, k, v, idx, o, lse, do, off, *, scale: float, block_size: int,
+                  interpret: bool) -> tuple[Array, Array, Array]:
+    """-> (dq, dk, dv) in the input dtypes."""
+    bsz, tq, hq, d = q.shape
+    tk, h = k.shape[1], k.shape[2]
+    g = hq // h
+    nb = -(-tk // block_size)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    dq = call(
+        functools.partial(_dq_kernel, g=g, scale=scale, bs=block_size, count=idx.shape[-1]),
+        (tq, bsz * h), jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 4, 3,
+        off, q, k, v, idx, do, lse, delta,
+    )
+    tokens, blk, start, end = _inverse_index(idx, nb)
+    n_items = blk.shape[-1]
+    part = jax.ShapeDtypeStruct((bsz, h, n_items, block_size, d), jnp.float32)
+    dk_p, dv_p = call(
+        functools.partial(_dkv_kernel, g=g, scale=scale, bs=block_size),
+        (n_items, bsz * h), (part, part), interpret, 4, 2,
+        off, q, k, v, do, lse, delta, tokens, blk, start, end,
+    )
+    seg = jnp.where(blk >= 0, blk, nb)
+    b_ix = jnp.arange(bsz)[:, None, None]
+    h_ix = jnp.arange(h)[None, :, None]
+
+    def to_keys(p: Array, dtype) -> Array:
+        blocks = jnp.zeros((bsz, h, nb + 1, block_size, d), jnp.float32).at[b_ix, h_ix, seg].add(p)
+        x = blocks[:, :, :nb].reshape(bsz, h, nb * block_size, d)[:, :, :tk]
+        return x.transpose(0, 2, 1, 3).astype(dtype)
+
+    return dq, to_keys(dk_p, k.dtype), to_keys(dv_p, v.dtype)
