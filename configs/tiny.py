@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
         num_layers=2,
         num_heads=4,
         num_kv_heads=2,
-        mrope_section=[2, 3, 3],
+        mrope_section=(2, 3, 3),
         max_position_embeddings=4096,
     )
     c.model.vision.update(
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
         intermediate_size=64,
         num_heads=2,
         out_hidden_size=64,
-        fullatt_block_indexes=[1],
+        fullatt_block_indexes=(1,),
     )
     c.model.attention.update(kind=arg or "videonsa", block_size=8, block_count=2, window_size=16)
     c.model.remat = "none"

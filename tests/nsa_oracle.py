@@ -64,3 +64,60 @@ def canonical_indices(idx) -> np.ndarray:
     big = np.iinfo(np.int64).max
     idx = np.sort(np.where(idx < 0, big, idx), axis=-1)
     return np.where(idx == big, -1, idx)
+
+
+def release_compression(q, kc, vc, block_size: int, scale: float):
+    """Released compression branch: anti-causal mask t <= (n+1)*BS - 1, lse as flex returns it.
+
+    Returns o [B, T, HQ, D] and lse [B, HQ, T] (natural log, the layout of the released buffer).
+    """
+    g = q.shape[2] // kc.shape[2]
+    kc, vc = (x.repeat_interleave(g, dim=2) for x in (kc, vc))
+    s = torch.einsum("bthd,bnhd->bhtn", q, kc) * scale
+    t = torch.arange(q.shape[1])[:, None]
+    n = torch.arange(kc.shape[1])[None, :]
+    s = s.masked_fill(~(t <= (n + 1) * block_size - 1), float("-inf"))
+    o = torch.einsum("bhtn,bnhd->bthd", s.softmax(dim=-1), vc)
+    return o, torch.logsumexp(s, dim=-1)
+
+
+def release_importance(q, kc, lse_bht, block_size: int, scale: float):
+    """Released top-k importance [B, T, H, NB], reading the [B, HQ, T] lse buffer as [B, T, HQ]."""
+    b, t, hq, _ = q.shape
+    h = kc.shape[2]
+    lse_used = lse_bht.reshape(b, t, hq)  # the released kernel's indexing, no transpose
+    s = torch.einsum("bthd,bnhd->bthn", q * scale, kc.repeat_interleave(hq // h, dim=2))
+    cur = torch.arange(t)[:, None] // block_size
+    n = torch.arange(kc.shape[1])[None, :]
+    p = torch.exp(s - lse_used[..., None]).masked_fill(~(n < cur)[None, :, None, :], 0.0)
+    p = torch.where((n == cur)[None, :, None, :], torch.ones_like(p), p)
+    return p.reshape(b, t, h, hq // h, -1).sum(dim=3)
+
+
+def release_topk(importance, block_size: int, num_selected: int):
+    """Top blocks among n <= t // BS by decreasing importance, -1 padded: [B, T, H, S].
+
+    This equals the released bitonic network's output whenever the importances have no ties.
+    """
+    t, nb = importance.shape[1], importance.shape[-1]
+    cur = torch.arange(t)[:, None] // block_size
+    valid = (torch.arange(nb)[None, :] <= cur)[None, :, None, :]
+    masked = importance.masked_fill(~valid, float("-inf"))
+    k = min(num_selected, nb)
+    values, idx = torch.topk(masked, k, dim=-1)
+    idx = torch.where(torch.isinf(values), -1, idx)
+    pad = torch.full((*idx.shape[:-1], num_selected - k), -1, dtype=idx.dtype)
+    return torch.cat([idx, pad], dim=-1)
+
+
+def release_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size, block_count, window_size, scale):
+    """The released NSA on padded slots; returns (o, block_indices)."""
+    num_selected = 1 << (block_count - 1).bit_length()
+    kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
+    o_cmp, lse = release_compression(q, kc, vc, block_size, scale)
+    imp = release_importance(q, kc, lse, block_size, scale)
+    idx = release_topk(imp, block_size, num_selected)
+    o_slc = fla_naive.naive_nsa_selection(q, k, v, idx, block_size, scale)
+    o_swa = sliding_window(q, k, v, window_size, scale)
+    o = g_cmp[..., None] * o_cmp + g_slc[..., None] * o_slc + g_swa[..., None] * o_swa
+    return o, idx

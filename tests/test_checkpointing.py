@@ -1,7 +1,9 @@
 """Checkpoints: exact resume after kill -9, SIGTERM saves, corrupt latest falls back."""
 
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
+from videonsa_jax import train
 from videonsa_jax.model.layers import Linear
 from videonsa_jax.parallel import create_mesh
 from videonsa_jax.training import checkpointing, metrics
@@ -29,12 +33,21 @@ RUN = [
     "--config.data.num_patches=512",
     "--config.model.text.num_layers=1",
     "--config.model.vision.depth=1",
-    "--config.model.vision.fullatt_block_indexes=[0]",
+    "--config.model.vision.fullatt_block_indexes=(0,)",
     "--config.train.num_steps=8",
     "--config.train.save_every=2",
     "--config.train.log_every=1",
     "--config.eval.every=0",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """The training subprocesses share compiled programs (same model and shapes): faster tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
 
 
 def _command(workdir):
@@ -59,8 +72,22 @@ def _run_until(workdir, pattern, sig):
     return proc.returncode, "".join(lines)
 
 
+def _shared_data(tmp_path, *workdirs):
+    """Generates the synthetic data once and copies it into each workdir (video encoding is not
+    bit-reproducible across runs, so both runs must read the same files)."""
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs/tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("dense")
+    config.data.synthetic.num_train, config.data.synthetic.num_eval = 32, 4
+    train.prepare_data(config, str(tmp_path / "shared"))
+    for workdir in workdirs:
+        shutil.copytree(tmp_path / "shared" / "data", workdir / "data")
+
+
 def test_kill9_then_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _shared_data(tmp_path, straight, resumed)
     reference = subprocess.Popen(_command(straight), cwd=REPO, env=_env(), text=True,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
@@ -131,7 +158,7 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
     assert any("step 2" in r.getMessage() and "falling back" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     assert next(data) == 1  # the iterator position saved with step 1
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(states[1])):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "2")
 
@@ -140,5 +167,7 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
     checkpointer.wait()
     restored, step = checkpointer.restore_latest(abstract, data)
     assert step == 2
-    assert jnp.array_equal(restored.params["a"]["kernel"][...], states[2].params["a"]["kernel"][...])
+    assert jnp.array_equal(
+        restored.params["a"]["kernel"][...], states[2].params["a"]["kernel"][...]
+    )
     checkpointer.close()

@@ -406,3 +406,50 @@ def test_harness_errors_parallel_workers_and_processes(tmp_path):
     assert result["micro"] == pytest.approx(0.9)
     assert set(result["groups"]) == {"question_category", "duration_group"}
     assert result["groups"]["duration_group"]["600"] == {"n": 5, "acc": 0.8}
+
+
+def test_evaluate_end_to_end_on_two_devices(tmp_path, capsys):
+    """The evaluate CLI path on a tiny random checkpoint, two device replicas, then a resume."""
+    import tiny_videonsa as T
+
+    from videonsa_jax import evaluate
+
+    model_dir = T.shared_checkpoint()
+    rows = []
+    for i in range(3):
+        T.write_tiny_video(str(tmp_path / "videos" / f"n{i}.mp4"))
+        rows.append(
+            {
+                "id": i,
+                "video": f"n{i}.mp4",
+                "question": "Which?\nA. red\nB. blue",
+                "answer": "AB"[i % 2],
+                "type": "QA",
+                "length": 2,
+            }
+        )
+    with open(tmp_path / "ts.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    config = evaluate.load_config(
+        os.path.join(os.path.dirname(__file__), "../configs/eval/timescope.py")
+    )
+    config.update(
+        dict(
+            annotations=str(tmp_path / "ts.jsonl"),
+            video_dir=str(tmp_path / "videos"),
+            workdir=str(tmp_path / "run"),
+            min_pixels=3136,
+            max_pixels=3136,
+            max_new_tokens=2,
+            dtype="float32",
+            num_devices=2,
+            length_multiple=64,
+        )
+    )
+    result = evaluate.run(config, model_dir)
+    assert result["n"] == 3 and not result["errors"]
+    lines = (tmp_path / "run" / "predictions.0.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    again = evaluate.run(config, model_dir)  # Everything cached: nothing is predicted again.
+    assert again["micro"] == result["micro"]
+    assert len((tmp_path / "run" / "predictions.0.jsonl").read_text().splitlines()) == 3

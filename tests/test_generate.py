@@ -137,7 +137,7 @@ def test_sampling(tiny):
     path, _, model = tiny
     prompts, pixels, grid = _prompts()
     config = gen.GenerationConfig.from_pretrained(
-        path, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=50, top_p=0.9
+        path, max_new_tokens=MAX_NEW, do_sample=True, temperature=0.7, top_k=50, top_p=0.9
     )
     a = _ours(model, prompts, pixels, grid, config, rng=jax.random.key(1)).tokens
     b = _ours(model, prompts, pixels, grid, config, rng=jax.random.key(1)).tokens
@@ -160,7 +160,7 @@ def test_process_logits_matches_transformers_warpers():
         do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3
     )
     params = gen._Params.of(config)
-    ours = np.asarray(gen._process_logits(jnp.asarray(logits), jnp.asarray(seen), params, True))
+    ours = np.asarray(gen._process_logits(jnp.asarray(logits), jnp.asarray(seen), params)[1])
     processors = lp.LogitsProcessorList(
         [
             lp.RepetitionPenaltyLogitsProcessor(1.3),

@@ -142,7 +142,7 @@ def test_entry_point_dispatch_and_dtype():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(k_heads=3), "multiple of KV heads"),
+        (dict(k_heads=4), "multiple of KV heads"),
         (dict(gate_shape=(1, 10, 5)), "g_cmp shape"),
         (dict(impl="cuda"), "impl must be one of"),
         (dict(block_size=0), "block_size must be a positive int"),

@@ -445,8 +445,7 @@ def _prefill_command(args: argparse.Namespace) -> None:
             "this model build does not expose `attention_internals(inputs)`; the prefill analysis "
             "needs per-layer q/k/v, gates and selected blocks"
         )
-    prompt = infer.video_prompt(
-        model,
+    question = infer.encode_video_question(
         tokenizer,
         args.video,
         args.question,
@@ -454,9 +453,10 @@ def _prefill_command(args: argparse.Namespace) -> None:
         max_frames=args.max_frames,
         max_pixels=args.max_pixels,
     )
+    inputs = infer.batch_inputs(model, [question], pad_token_id=0)
     internals = {
         k: np.asarray(v)[:, 0] if k != "vision_mask" else np.asarray(v)[0]
-        for k, v in model.attention_internals(prompt.inputs).items()
+        for k, v in model.attention_internals(inputs).items()
     }
     a = model.config.attention
     tables = analyze_internals(

@@ -160,8 +160,9 @@ def check_context(model: Qwen2_5_VL, prompt_length: int, max_new_tokens: int) ->
 
 
 class _Params(NamedTuple):
-    """The traced decoding settings (changing them does not recompile)."""
+    """The decoding settings as traced arrays: changing them never recompiles."""
 
+    do_sample: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
@@ -174,6 +175,7 @@ class _Params(NamedTuple):
         f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
         i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
         return cls(
+            jnp.asarray(config.do_sample),
             f32(config.temperature),
             i32(config.top_k),
             f32(config.top_p),
@@ -183,41 +185,42 @@ class _Params(NamedTuple):
         )
 
 
-def _process_logits(logits: jax.Array, seen: jax.Array, params: _Params, do_sample: bool):
-    """Repetition penalty, then (when sampling) temperature, top-k and top-p; fp32 [B, V]."""
+def _process_logits(logits: jax.Array, seen: jax.Array, params: _Params):
+    """(penalized, warped) fp32 [B, V] logits.
+
+    penalized: the repetition penalty applied (what greedy decoding takes the argmax of);
+    warped: then temperature, top-k and top-p (what sampling draws from).
+    """
     logits = logits.astype(jnp.float32)
     p = params.repetition_penalty
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
-    if not do_sample:
-        return logits
-    logits = logits / params.temperature
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    k = jnp.clip(params.top_k, 1, logits.shape[-1])
+    penalized = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+    warped = penalized / params.temperature
+    ordered = jnp.sort(warped, axis=-1)[..., ::-1]
+    k = jnp.clip(params.top_k, 1, warped.shape[-1])
     kth = jnp.take(ordered, k - 1, axis=-1)[..., None]
-    logits = jnp.where((params.top_k > 0) & (logits < kth), -jnp.inf, logits)
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    warped = jnp.where((params.top_k > 0) & (warped < kth), -jnp.inf, warped)
+    ordered = jnp.sort(warped, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # Mass of the tokens ranked above.
     kept = jnp.where(before < params.top_p, ordered, jnp.inf)
-    return jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    warped = jnp.where(warped < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, warped)
+    return penalized, warped
 
 
-def _step_outputs(logits, seen, finished, key, params: _Params, do_sample: bool):
+def _step_outputs(logits, seen, finished, key, params: _Params):
     """Picks the next token per row; updates the seen-token mask and the finished flags."""
     key, sub = jax.random.split(key)
-    logits = _process_logits(logits, seen, params, do_sample)
-    if do_sample:
-        token = jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32)
-    else:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    penalized, warped = _process_logits(logits, seen, params)
+    sampled = jax.random.categorical(sub, warped, axis=-1)
+    token = jnp.where(params.do_sample, sampled, jnp.argmax(penalized, axis=-1)).astype(jnp.int32)
     token = jnp.where(finished, params.pad_token_id, token)
     seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
     finished = finished | jnp.isin(token, params.eos_token_ids)
     return token, seen, finished, key
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample"))
-def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, key, params, do_sample: bool):
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, key, params: _Params):
     model = nnx.merge(graphdef, state)
     hidden, cache = model.hidden_states(inputs, cache)
     mask = jnp.asarray(inputs.attention_mask).astype(bool)
@@ -228,30 +231,17 @@ def _prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, key, params, 
     ids = jnp.where(mask, jnp.asarray(inputs.input_ids), vocab)  # Padding -> a dropped column.
     seen = jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], ids].set(True)[:, :vocab]
     finished = jnp.zeros((b,), bool)
-    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params, do_sample)
+    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params)
     return token, cache, seen, finished, key
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "do_sample"), donate_argnames=("cache", "seen")
-)
-def _decode_step(
-    graphdef,
-    state,
-    token,
-    cache: KVCache,
-    rope_deltas,
-    seen,
-    finished,
-    key,
-    params,
-    do_sample: bool,
-):
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames=("cache", "seen"))
+def _decode_step(graphdef, state, token, cache: KVCache, rope_deltas, seen, finished, key, params):
     model = nnx.merge(graphdef, state)
     inputs = decode_inputs(token[:, None], cache, rope_deltas)
     hidden, cache = model.hidden_states(inputs, cache)
     logits = model.logits(hidden[:, -1])
-    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params, do_sample)
+    token, seen, finished, key = _step_outputs(logits, seen, finished, key, params)
     return token, cache, seen, finished, key
 
 
@@ -283,16 +273,12 @@ def generate(
     key = jax.random.key(0) if rng is None else rng
     rope_deltas = jnp.asarray(inputs.rope_deltas)
     params = _Params.of(config)
-    token, cache, seen, finished, key = _prefill(
-        graphdef, state, inputs, cache, key, params, do_sample=config.do_sample
-    )
+    token, cache, seen, finished, key = _prefill(graphdef, state, inputs, cache, key, params)
     tokens = []
     for step in range(config.max_new_tokens):
         if step:
             state_in = (token, cache, rope_deltas, seen, finished, key, params)
-            token, cache, seen, finished, key = _decode_step(
-                graphdef, state, *state_in, do_sample=config.do_sample
-            )
+            token, cache, seen, finished, key = _decode_step(graphdef, state, *state_in)
         host_token = np.asarray(token)
         tokens.append(host_token)
         if on_token is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging as std_logging
 import os
+import shutil
 import signal
 import sys
 
@@ -46,7 +47,7 @@ class TrainingError(RuntimeError):
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str, str]:
-    """(train JSONL, eval JSONL or '', tokenizer dir); generates the synthetic task if configured."""
+    """(train JSONL, eval JSONL or '', tokenizer dir); generates the synthetic task if asked."""
     s, d = config.data.synthetic, config.data
     if not s.task:
         return d.train_jsonl, d.eval_jsonl, d.tokenizer or config.model.init_from
@@ -101,7 +102,8 @@ def _install_sigterm_handler() -> dict[str, bool]:
     return received
 
 
-def _export(graphdef, state: step_lib.TrainState, rest, path: str) -> None:
+def _export(graphdef, state: step_lib.TrainState, rest, tokenizer_dir: str, path: str) -> None:
+    """`save_pretrained` of the trained model, plus the tokenizer files: an HF-format dir."""
     from videonsa_jax.checkpoints import save_pretrained  # noqa: PLC0415
 
     params = state.params
@@ -109,6 +111,9 @@ def _export(graphdef, state: step_lib.TrainState, rest, path: str) -> None:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
         save_pretrained(nnx.merge(graphdef, params, rest), path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(tokenizer_dir, name)):
+                shutil.copy(os.path.join(tokenizer_dir, name), path)
         logging.info("exported the final model to %s", path)
 
 
@@ -176,7 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
         state, start = restored
     else:
         start = 0
-        params = state_lib.load_pretrained_params(config) if config.model.init_from else None
+        params = None
+        if config.model.init_from:
+            params = state_lib.load_pretrained_params(config, shardings.params)
         state = state_lib.init_state(make_model, tx, shardings, params)
         logging.info("initialised %s", config.model.init_from or "from scratch")
 
@@ -210,7 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
             max_batches=config.eval.max_batches,
         )  # fmt: skip
         writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-        logging.info("eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        logging.info(
+            "eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
+        )
 
     writer = metrics.MetricWriter(workdir)
     progress = metrics.Progress(start, config.train.num_steps)
@@ -252,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     checkpointer.close()
     writer.close()
     if config.train.export:
-        _export(graphdef, state, rest, os.path.join(workdir, "export"))
+        _export(graphdef, state, rest, tokenizer_dir, os.path.join(workdir, "export"))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -267,6 +276,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad `--config.key=value` override exits with one line, no traceback."""
     try:
         return flags.FLAGS(argv)
+    except (flags.Error, config_flags.UnsupportedOperationError) as e:
+        sys.exit(f"error: {e}")
     except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown key
         lines = [x.strip("'\" ") for x in str(e).replace("\\n", "\n").replace("\\", "").split("\n")]
         sys.exit(f"error: unknown config key {lines[0]!r} ({' '.join(lines[1:]) or str(e)})")

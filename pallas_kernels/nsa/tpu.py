@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +108,15 @@ def _float0(x: Array | None):
 def _attention(plan, cfg, q_offset, q, k, v, idx, lists):
     """(o, lse) of one branch; see `tpu_attention.attention_fwd`."""
     return att.attention_fwd(
-        plan, q_offset, q, k, v, idx, lists,
-        interpret=cfg.interpret, vmem_limit_bytes=cfg.vmem_limit_bytes,
+        plan,
+        q_offset,
+        q,
+        k,
+        v,
+        idx,
+        lists,
+        interpret=cfg.interpret,
+        vmem_limit_bytes=cfg.vmem_limit_bytes,
     )
 
 
@@ -124,11 +130,25 @@ def _attention_bwd(plan, cfg, res, cts):
     do, _ = cts  # the lse only feeds the stop-gradient top-S selection
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
     dq, dk, dv = att.attention_bwd(
-        plan, q_offset, q, k, v, do.astype(q.dtype), lse, delta, idx, lists,
-        interpret=cfg.interpret, vmem_limit_bytes=cfg.vmem_limit_bytes,
+        plan,
+        q_offset,
+        q,
+        k,
+        v,
+        do.astype(q.dtype),
+        lse,
+        delta,
+        idx,
+        lists,
+        interpret=cfg.interpret,
+        vmem_limit_bytes=cfg.vmem_limit_bytes,
     )
     return (
-        _float0(q_offset), dq, dk.astype(k.dtype), dv.astype(v.dtype), _float0(idx),
+        _float0(q_offset),
+        dq,
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        _float0(idx),
         _float0(lists),
     )
 
@@ -161,16 +181,22 @@ def make_config(
     _, tk, h, _ = k_shape
     if hq % h:
         raise ValueError(f"HQ={hq} is not a multiple of H={h}")
-    if block_size % 8:
-        raise ValueError(f"block_size={block_size} must be a multiple of 8 (TPU sublanes)")
+    itemsize = jnp.dtype(dtype).itemsize
+    if block_size % (32 // itemsize):
+        raise ValueError(
+            f"block_size={block_size} must be a multiple of {32 // itemsize} for {dtype} "
+            "(one packed TPU sublane tile)"
+        )
     g = hq // h
     tq_tile = q_tile or default_q_tile(g, tq)
     if tq_tile % 8:
         raise ValueError(f"q_tile={tq_tile} must be a multiple of 8")
     nb = -(-tk // block_size)
-    kc_tile = min(128, _round_up(nb, 8))
-    itemsize = jnp.dtype(dtype).itemsize
-    split = kv_split or default_kv_split(nb * block_size, block_size, d, itemsize, vmem_budget_bytes)
+    kc_tile = min(128, _round_up(nb, 8))  # one tile below 128 blocks: slices start at 0 or 128k
+    key_rows = nb * block_size
+    split = kv_split or default_kv_split(key_rows, block_size, d, itemsize, vmem_budget_bytes)
+    if nb % split:
+        raise ValueError(f"kv_split={split} must divide the number of key blocks {nb}")
     common = dict(group=g, q_tile=tq_tile, block_size=block_size, window=window_size, scale=scale)
     resident = 2 * nb * block_size * d * itemsize + 16 * 1024 * 1024
     return Config(
@@ -218,12 +244,18 @@ def nsa_tpu(
         o [B, Tq, HQ, D] in q.dtype, and int32 block indices [B, Tq, H, S] (ascending, -1 padded)
         if requested.
     """
-    b, tq, hq, d = q.shape
-    tk, h = k.shape[1], k.shape[2]
+    tq, d, h = q.shape[1], q.shape[3], k.shape[2]
     scale = default_scale(d, scale)
     cfg = make_config(
-        q.shape, k.shape, q.dtype, block_size=block_size, block_count=block_count,
-        window_size=window_size, scale=scale, interpret=interpret, q_tile=q_tile,
+        q.shape,
+        k.shape,
+        q.dtype,
+        block_size=block_size,
+        block_count=block_count,
+        window_size=window_size,
+        scale=scale,
+        interpret=interpret,
+        q_tile=q_tile,
         kv_split=kv_split,
     )
     tq_tile, nb = cfg.slc.q_tile, cfg.topk.num_blocks
@@ -238,8 +270,13 @@ def nsa_tpu(
     o_cmp, lse = _attention(cfg.cmp, cfg, offset, qr, kc, vc, None, None)
     sg = jax.lax.stop_gradient
     idx = tpu_topk.select_blocks(
-        cfg.topk, offset, sg(qr), sg(kc), sg(lse),
-        interpret=cfg.interpret, vmem_limit_bytes=cfg.vmem_limit_bytes,
+        cfg.topk,
+        offset,
+        sg(qr),
+        sg(kc),
+        sg(lse),
+        interpret=cfg.interpret,
+        vmem_limit_bytes=cfg.vmem_limit_bytes,
     )
     lists = tpu_topk.union_lists(idx, tq_tile, nb)
     o_slc, _ = _attention(cfg.slc, cfg, offset, qr, kr, vr, idx, lists)

@@ -1,8 +1,8 @@
 """Block-sparse attention on TPU (Mosaic): the compression, selection and sliding-window branches.
 
-One kernel family serves all three NSA attention branches. A grid step owns a query tile of TQ tokens
-of one KV head; its M = TQ*G rows are (token, query head of the group) pairs, token-major, so the
-group's heads and TQ tokens share one MXU matmul (M = 224 for G = 7, TQ = 32; any G, no head
+One kernel family serves all three NSA attention branches. A grid step owns a query tile of TQ
+tokens of one KV head; its M = TQ*G rows are (token, query head of the group) pairs, token-major,
+so the group's heads and TQ tokens share one MXU matmul (M = 224 for G = 7, TQ = 32; any G, no head
 padding). The step walks a list of key tiles of KB rows with an online softmax (fp32 statistics):
 
     mode  keys              key tile KB        list of key tiles for the query tile
@@ -15,8 +15,8 @@ swa `t-W < j <= t`; always `j < num_keys`. Selection membership comes from the t
 [TQ, S] (VMEM) expanded to rows by a 0/1 matmul E[M, TQ] @ hit[TQ, KB], so no per-row index copy.
 
 Layouts (built by `tpu.py`): q, dO [B, H, Tqp*G, D]; k, v [B, H, Tkp, D]; lse, delta
-[B, H, Tqp*G, 1] fp32; block indices [B, H, Tqp, S] int32; union lists [B, H, nqt, U] int32 with
-the count in slot 0, shaped [B, H, nqt, 1, U] (a (1, U) block goes to SMEM each step); q_offset is a scalar-prefetch int32[1].
+[B, H, Tqp*G, 1] fp32; block indices [B, H, Tqp, S] int32; union lists [B, H, nqt, 1, U] int32,
+count in slot 0 (a (1, U) block goes to SMEM each step); q_offset is a scalar-prefetch int32[1].
 
 Kernels and grids:
     fwd      grid (B, H, nqt)            q tile [M, D]; whole K/V head in VMEM, single-buffered
@@ -34,8 +34,9 @@ TensorCore:
                              the forward with an lse merge: not implemented).
     fwd / bwd_dq (cmp)       kc + vc 2 * 512 KiB.
     bwd_dkv                  per key token 2*2 B (K, V) + 2*2*4 B (dk, dv double-buffered fp32)
-                             = 20 B * D = 2.5 KiB: nsplit = 4 (80 MiB) on v5e / v6e, 8 (40 MiB)
-                             on v5p; the wrapper picks nsplit from `vmem_budget_bytes`.
+                             = 20 B * D = 2.5 KiB; the wrapper picks the smallest nsplit within
+                             its VMEM budget (default 48 MiB, any chip): nsplit = 8, 40 MiB per
+                             range; a 100 MiB budget on v5e / v6e gives nsplit = 4 (80 MiB).
 
 Roofline at T = 128K, HQ = 28, H = 4, D = 128, BS = 64, S = 32, W = 256 (forward FLOPs 4*D per
 visible (row, key) pair; backward 2.5x). MXU peaks: v5e 197, v5p 459 (chip), v6e 920 TFLOP/s; HBM
@@ -48,8 +49,10 @@ visible (row, key) pair; backward 2.5x). MXU peaks: v5e 197, v5p 459 (chip), v6e
     swa fwd  0.48 TFLOP useful, ~(W + TQ + BS) / W = 1.4x computed: 3.4 / 1.5 / 0.7 ms.
     cmp fwd  1.92 TFLOP useful, ~1.1x computed (tile granularity of the causal bound):
              10.7 / 4.6 / 2.3 ms.
+    slc also pays the membership matmul E @ hit, TQ / D = 1/4 of its QK^T FLOPs.
     bwd      2.5x the forward FLOPs plus one recompute of S = QK^T in the separate dq kernel
-             (~3x in total); dkv streams q, dO once per key range (nsplit reads of 1.8 GB).
+             (~3x in total); dkv streams q and dO once per key range: nsplit * 1.8 GB = 14.7 GB
+             at nsplit = 8 (18 / 6 / 9 ms), under the selection backward's compute time.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def tile_key_range(plan: Plan, t_first: Array, t_last: Array) -> tuple[Array, Ar
     cmp and swa only; the range is empty (last < first) when no key is visible.
     """
     kb, bs = plan.key_tile, plan.block_size
-    # Divisions of non-negative scalars: lax.div truncates (jnp's // needs sign, which Mosaic lacks).
+    # Divisions of non-negative scalars: lax.div (jnp's // lowers through sign, see tpu.py).
     if plan.mode == "cmp":
         last_block = jnp.minimum(lax.div(jnp.maximum(t_last + 1, 0), bs) - 1, plan.num_keys - 1)
         return jnp.int32(0), jnp.where(last_block >= 0, lax.div(jnp.maximum(last_block, 0), kb), -1)
@@ -200,7 +203,7 @@ def _fwd_kernel(plan: Plan, off_ref, q_ref, k_ref, v_ref, *refs):
     kb = plan.key_tile
 
     def body(u, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         n = ctx.tile_at(u)
         start = pl.multiple_of(n * kb, kb)
         kt, vt = k_ref[pl.ds(start, kb), :], v_ref[pl.ds(start, kb), :]
@@ -210,16 +213,16 @@ def _fwd_kernel(plan: Plan, off_ref, q_ref, k_ref, v_ref, *refs):
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.where(mask, jnp.exp(s - m_safe), 0.0)
         alpha = jnp.exp(m - m_safe)
-        l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+        denom = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
         acc = alpha * acc + _dot(p.astype(vt.dtype), vt, (1, 0))
-        return m_new, l, acc
+        return m_new, denom, acc
 
     m0 = jnp.full((plan.rows, 1), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((plan.rows, 1), jnp.float32)
     acc0 = jnp.zeros((plan.rows, q.shape[1]), jnp.float32)
-    m, l, acc = lax.fori_loop(0, ctx.count, body, (m0, l0, acc0))
-    nonempty = l > 0.0
-    l_safe = jnp.where(nonempty, l, 1.0)
+    m, denom, acc = lax.fori_loop(0, ctx.count, body, (m0, l0, acc0))
+    nonempty = denom > 0.0
+    l_safe = jnp.where(nonempty, denom, 1.0)
     o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
 
@@ -301,9 +304,7 @@ def _specs(plan: Plan, d: int, s: int | None, u: int | None, bwd_dkv: bool = Fal
     }
     if plan.mode == "slc":
         specs["idx"] = pl.BlockSpec((None, None, tq, s), idx_map)
-        specs["list"] = pl.BlockSpec(
-            (None, None, None, 1, u), list_map, memory_space=pltpu.SMEM
-        )
+        specs["list"] = pl.BlockSpec((None, None, None, 1, u), list_map, memory_space=pltpu.SMEM)
     return specs
 
 
@@ -316,9 +317,7 @@ def _sparse_args(plan: Plan, idx: Array | None, lists: Array | None) -> list:
 
 
 def _params(semantics: tuple[str, ...], vmem_limit_bytes: int | None) -> pltpu.CompilerParams:
-    return pltpu.CompilerParams(
-        dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes
-    )
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
 
 
 def attention_fwd(

@@ -35,7 +35,7 @@ def _fwd_kernel(oc_ref, os_ref, ow_ref, gc_ref, gs_ref, gw_ref, o_ref):
 def _bwd_kernel(oc_ref, os_ref, ow_ref, gc_ref, gs_ref, gw_ref, do_ref, *out_refs):
     do = do_ref[...].astype(jnp.float32)
     for o_ref, g_ref, do_x_ref, dg_ref in zip(
-        (oc_ref, os_ref, ow_ref), (gc_ref, gs_ref, gw_ref), out_refs[:3], out_refs[3:]
+        (oc_ref, os_ref, ow_ref), (gc_ref, gs_ref, gw_ref), out_refs[:3], out_refs[3:], strict=True
     ):
         do_x_ref[...] = (g_ref[...].astype(jnp.float32) * do).astype(do_x_ref.dtype)
         prod = do * o_ref[...].astype(jnp.float32)
@@ -44,7 +44,8 @@ def _bwd_kernel(oc_ref, os_ref, ow_ref, gc_ref, gs_ref, gw_ref, do_ref, *out_ref
 
 def _call(kernel, args, out_shapes, row_tile: int, interpret, name: str):
     b, h, rows, _ = args[0].shape
-    spec = lambda x: pl.BlockSpec((None, None, row_tile, x.shape[3]), lambda b_, h_, i: (b_, h_, i, 0))
+    index = lambda b_, h_, i: (b_, h_, i, 0)
+    spec = lambda x: pl.BlockSpec((None, None, row_tile, x.shape[3]), index)
     return pl.pallas_call(
         kernel,
         grid=(b, h, rows // row_tile),
@@ -80,8 +81,15 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def combine(
-    o_cmp: Array, o_slc: Array, o_swa: Array, g_cmp: Array, g_slc: Array, g_swa: Array, *,
-    row_tile: int, interpret=False,
+    o_cmp: Array,
+    o_slc: Array,
+    o_swa: Array,
+    g_cmp: Array,
+    g_slc: Array,
+    g_swa: Array,
+    *,
+    row_tile: int,
+    interpret=False,
 ) -> Array:
     """o_x [B, H, R, D], g_x [B, H, R, 1] -> o [B, H, R, D] in o_cmp.dtype; R % row_tile == 0."""
     return _combine(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa, row_tile, interpret)

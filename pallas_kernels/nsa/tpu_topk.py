@@ -87,13 +87,19 @@ def _topk_kernel(plan: TopkPlan, off_ref, q_ref, kc_ref, lse_ref, idx_ref, imp_r
             kc = kc_ref[j * kc_rows : (j + 1) * kc_rows, :]
             precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
             s = lax.dot_general(
-                q, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                q,
+                kc,
+                (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
                 precision=precision,
             )
             visible = (n + 1) * plan.block_size - 1 <= pos
             p = jnp.where(visible, jnp.exp(s * plan.scale - lse), 0.0)
             imp = lax.dot_general(
-                esum, p, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                esum,
+                p,
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
                 precision=lax.Precision.HIGHEST,
             )
             forced = (n == 0) | (n == cur - 1) | (n == cur)
@@ -136,7 +142,8 @@ def select_blocks(
         in_specs=[
             pl.BlockSpec((None, None, plan.rows, d), qmap),
             pl.BlockSpec(
-                (None, None, nbp, d), lambda b_, h_, i, off: (b_, h_, 0, 0),
+                (None, None, nbp, d),
+                lambda b_, h_, i, off: (b_, h_, 0, 0),
                 pipeline_mode=pl.Buffered(1),
             ),
             pl.BlockSpec((None, None, plan.rows, 1), qmap),
@@ -158,7 +165,7 @@ def select_blocks(
 
 
 def union_lists(idx: Array, q_tile: int, num_blocks: int) -> Array:
-    """idx [B, H, Tqp, S] (-1 = empty) -> [B, H, nqt, 1, U]: count, then ascending distinct blocks."""
+    """idx [B, H, Tqp, S] (-1 empty) -> [B, H, nqt, 1, U]: count, then distinct blocks ascending."""
     b, h, tqp, s = idx.shape
     nqt = tqp // q_tile
     width = min(q_tile * s, num_blocks)

@@ -87,23 +87,26 @@ def _hf_shape(name: str, shape: tuple[int, ...], stacked: bool, config: ModelCon
     if name.endswith("patch_embed.proj.weight"):
         v = config.vision
         return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    if name.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in name:
+    if _is_linear(name, len(shape)):
         return shape[::-1]
     return shape
+
+
+def _is_linear(name: str, ndim: int) -> bool:
+    """torch Linear weight [out, in] stored transposed as our kernel [in, out]."""
+    return ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name
 
 
 def _to_ours(name: str, tensor: np.ndarray) -> np.ndarray:
     if name.endswith("patch_embed.proj.weight"):
         return tensor.reshape(tensor.shape[0], -1).T
-    if tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name:
-        return tensor.T
-    return tensor
+    return tensor.T if _is_linear(name, tensor.ndim) else tensor
 
 
 def _to_hf(name: str, value: np.ndarray, hf_shape: tuple) -> np.ndarray:
     if name.endswith("patch_embed.proj.weight"):
         return value.T.reshape(hf_shape)
-    return value.T if value.shape != hf_shape else value
+    return value.T if _is_linear(name, value.ndim) else value
 
 
 def _canonical(key: str) -> str:
@@ -159,6 +162,7 @@ def from_pretrained(
         path: directory with config.json and model.safetensors or a sharded index.
         dtype: activation dtype, and parameter dtype unless `param_dtype` is given.
         attention: "dense" | "videonsa" | "videonsa_release"; default: as the config says.
+            "videonsa_release" also sets rope_time_rule="int" unless overridden.
         param_dtype: parameters are cast to it (default `dtype`).
         sharding: optional (path, abstract variable) -> Sharding, to place each leaf directly.
         **overrides: `ModelConfig.replace` overrides (e.g. block_count=64, remat="full").
@@ -170,6 +174,8 @@ def from_pretrained(
     path = os.fspath(path)
     if attention is not None:
         overrides["attention"] = attention
+    if attention == "videonsa_release":  # The released model's temporal M-RoPE rule.
+        overrides.setdefault("rope_time_rule", "int")
     config = ModelConfig.from_json_file(os.path.join(path, "config.json"), **overrides)
     param_dtype = dtype if param_dtype is None else param_dtype
     graphdef, state = nnx.split(_abstract_model(config, dtype, param_dtype))
@@ -203,7 +209,7 @@ def from_pretrained(
 
 def _check(path: str, flat, files: dict, config: ModelConfig) -> set[Path]:
     """Validates names and shapes; returns the paths of absent optional leaves."""
-    problems, expected, missing_optional = [], set(), set()
+    problems, expected, missing_optional, absent_optional = [], set(), set(), []
     for p, var in flat:
         names = _leaf_names(p, var)
         expected.update(names)
@@ -212,7 +218,8 @@ def _check(path: str, flat, files: dict, config: ModelConfig) -> set[Path]:
         optional = any(re.search(pattern, names[0]) for pattern in OPTIONAL_KEYS)
         if optional and len(absent) == len(names):
             missing_optional.add(p)
-            logger.warning("%s: %s absent from the checkpoint; freshly initialised", path, names[0])
+            layers = f" (x{len(names)} layers)" if len(names) > 1 else ""
+            absent_optional.append(names[0] + layers)
             continue
         problems += [f"missing tensor {n} (model expects shape {want})" for n in absent]
         for n in names:
@@ -228,6 +235,12 @@ def _check(path: str, flat, files: dict, config: ModelConfig) -> set[Path]:
         problems.append(f"unexpected tensor {key} (checkpoint shape {shape}, not in the model)")
     if problems:
         raise CheckpointError(f"{path} does not match the model:\n  " + "\n  ".join(problems))
+    if absent_optional:
+        logger.warning(
+            "%s: %s absent from the checkpoint; freshly initialised",
+            path,
+            ", ".join(absent_optional),
+        )
     return missing_optional
 
 

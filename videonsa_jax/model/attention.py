@@ -1,4 +1,4 @@
-"""Self-attention of a decoder layer and its variants ("dense" now; "videonsa*" plug in here).
+"""Self-attention of a decoder layer and its variants ("dense"; "videonsa*" in `videonsa.py`).
 
 `Attention.__call__` projects q/k/v, applies M-RoPE, writes the KV cache, then calls `_attend`, the
 one place where the attention kinds differ. Everything a variant needs is at hand there: the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from videonsa_jax.config import ModelConfig
-from videonsa_jax.model import rope
+from videonsa_jax.model import rope, videonsa
 from videonsa_jax.model.layers import Linear
 
 # Finite, so that fully masked rows (padding queries) give a uniform average instead of NaN.
@@ -32,6 +32,9 @@ class AttentionBatch(NamedTuple):
     kv_valid: [B, S] bool, key slot holds a real (non-padding) token; S = T or the cache length.
     vision_mask: [B, T] bool, query row is an image/video pad token.
     positions: [3, B, T] int32 M-RoPE positions (t, h, w) of the queries.
+    text_rows: [B, n] int32 query rows that take the dense branch of the VideoNSA kinds (padded
+        with T; `videonsa.text_rows`), or None: every row may be text (decode steps, text-only
+        input), and the VideoNSA kinds compute dense attention for all rows.
     """
 
     cos: jax.Array
@@ -40,6 +43,7 @@ class AttentionBatch(NamedTuple):
     kv_valid: jax.Array
     vision_mask: jax.Array
     positions: jax.Array
+    text_rows: jax.Array | None = None
 
 
 class LayerCache(NamedTuple):
@@ -116,6 +120,12 @@ class Attention(nnx.Module):
         self.k_proj = Linear(t.hidden_size, kv_dim, use_bias=True, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Linear(t.hidden_size, kv_dim, use_bias=True, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(q_dim, t.hidden_size, use_bias=False, axes=("heads", "embed"), **kw)
+        self.nsa_config = config.attention
+        self.capture_internals = False  # `videonsa.attention_internals` sets it.
+        if self.kind == "videonsa_release":
+            videonsa.check_heads(config)
+        if self.kind != "dense":
+            self.g_proj_1, self.g_proj_2 = videonsa.gate_projections(config, **kw)
 
     def __call__(
         self, x: jax.Array, batch: AttentionBatch, cache: LayerCache | None = None
@@ -142,7 +152,6 @@ class Attention(nnx.Module):
         self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, batch: AttentionBatch
     ) -> jax.Array:
         """The attention kinds: q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
-        del x  # The VideoNSA gate MLP reads it.
         if self.kind == "dense":
             return dense_attention(q, k, v, q_index=batch.q_index, kv_valid=batch.kv_valid)
-        raise NotImplementedError(f"attention kind {self.kind!r} is not implemented yet")
+        return videonsa.attend(self, x, q, k, v, batch)

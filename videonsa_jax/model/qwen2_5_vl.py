@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from videonsa_jax.config import ModelConfig
-from videonsa_jax.model import rope, vision
+from videonsa_jax.model import rope, videonsa, vision
 from videonsa_jax.model.layers import Linear
 from videonsa_jax.model.text import KVCache, TextModel
 
@@ -33,6 +33,8 @@ class ModelInputs(NamedTuple):
     vision_layout: `vision.VisionLayout` for those rows, or None.
     vision_targets: [N // merge**2] int32, flat index b * L + l of the token each merged vision row
         replaces; padding rows hold B * L (dropped). None for text-only inputs.
+    text_rows: [B, n] int32 query rows of the VideoNSA dense branch, padded with L
+        (`videonsa.text_rows`), or None (dense attention: unused; VideoNSA: every row may be text).
     """
 
     input_ids: Any
@@ -42,6 +44,7 @@ class ModelInputs(NamedTuple):
     pixel_rows: Any = None
     vision_layout: Any = None
     vision_targets: Any = None
+    text_rows: Any = None
 
 
 class Qwen2_5_VL(nnx.Module):
@@ -93,6 +96,7 @@ class Qwen2_5_VL(nnx.Module):
         second_per_grid_ts=None,
         *,
         num_patches: int | None = None,
+        num_text_rows: int | None = None,
     ) -> ModelInputs:
         """Computes positions, the vision layout and the vision scatter targets (numpy).
 
@@ -103,6 +107,8 @@ class Qwen2_5_VL(nnx.Module):
             pixel_values_videos, video_grid_thw: the same for videos.
             second_per_grid_ts: [n_vid] seconds per temporal grid step (default 1.0).
             num_patches: pad the patch rows to this many (fixed shapes for jit); default: none.
+            num_text_rows: VideoNSA kinds: size of `text_rows` (fixed shapes for jit); default: a
+                bucket of the text row count for inputs with images/videos, None without.
         """
         cfg = self.config
         ids = np.asarray(input_ids).astype(np.int32)
@@ -131,6 +137,10 @@ class Qwen2_5_VL(nnx.Module):
             positions=np.asarray(positions, np.int32),
             rope_deltas=np.asarray(deltas, np.int32).reshape(-1),
         )
+        has_vision = any(grid is not None for grid in grids.values())
+        if cfg.attention.kind != "dense" and (has_vision or num_text_rows is not None):
+            rows = videonsa.text_rows(cfg, ids, mask, inputs.positions, num_text_rows)
+            inputs = inputs._replace(text_rows=rows)
         pixels = {"image": pixel_values, "video": pixel_values_videos}
         used = [(kind, grid, pixels[kind]) for kind, grid in grids.items() if grid is not None]
         if not used:
@@ -185,8 +195,13 @@ class Qwen2_5_VL(nnx.Module):
             jnp.asarray(inputs.positions),
             attention_mask=jnp.asarray(inputs.attention_mask),
             vision_mask=self.vision_mask(jnp.asarray(inputs.input_ids)),
+            text_rows=None if inputs.text_rows is None else jnp.asarray(inputs.text_rows),
             cache=cache,
         )
+
+    def attention_internals(self, inputs: ModelInputs) -> dict[str, jax.Array]:
+        """Per-layer q/k/v, gates and selected blocks of a VideoNSA prefill (`videonsa.py`)."""
+        return videonsa.attention_internals(self, inputs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., hidden] -> [..., vocab] through the lm head (the embedding when tied)."""

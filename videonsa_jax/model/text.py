@@ -124,6 +124,7 @@ class TextModel(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         vision_mask: jax.Array | None = None,
+        text_rows: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder stack.
@@ -133,11 +134,15 @@ class TextModel(nnx.Module):
             positions: [3, B, T] int32 M-RoPE positions.
             attention_mask: [B, T], 1 for real tokens, 0 for padding (keys never attend to it).
             vision_mask: [B, T] bool, image/video pad rows (used by the VideoNSA attention).
+            text_rows: [B, n] int32 rows of the VideoNSA dense branch, or None (see
+                `AttentionBatch.text_rows`).
             cache: written at slots cache.index .. cache.index + T - 1; attention then runs over all
                 cached keys.
 
         Returns:
-            ([B, T, hidden] final-normed hidden states, advanced cache or None).
+            ([B, T, hidden] final-normed hidden states, advanced cache or None). Values the layers
+            sow (`nnx.Intermediate`, e.g. VideoNSA gate means) are re-sown on this module, stacked
+            over layers.
         """
         t = self.config.text
         b, length, _ = embeds.shape
@@ -162,6 +167,7 @@ class TextModel(nnx.Module):
             kv_valid=kv_valid,
             vision_mask=jnp.zeros((b, length), bool) if vision_mask is None else vision_mask,
             positions=positions,
+            text_rows=text_rows,
         )
 
         graphdef, state = nnx.split(self.layers)
@@ -171,13 +177,20 @@ class TextModel(nnx.Module):
             layer = nnx.merge(graphdef, layer_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, index=start)
             x, layer_cache = layer(x, batch, layer_cache)
-            return x, None if layer_cache is None else (layer_cache.k, layer_cache.v)
+            sown = {
+                str(path[-1]): var.get_value()
+                for path, var in nnx.to_flat_state(nnx.pop(layer, nnx.Intermediate))
+            }
+            return x, (None if layer_cache is None else (layer_cache.k, layer_cache.v), sown)
 
         policy = REMAT_POLICIES[self.config.remat]
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv = None if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(body, embeds, (state, kv))
+        x, (new_kv, sown) = jax.lax.scan(body, embeds, (state, kv))
+        for name, values in sown.items():
+            for value in values:
+                self.sow(nnx.Intermediate, name, value)
         if cache is not None:
             cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid, index=start + length)
         return self.norm(x), cache

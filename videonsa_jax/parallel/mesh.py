@@ -34,13 +34,15 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
             f"there are {num_devices}"
         )
     return tuple(sizes)
 
 
-def create_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def create_mesh(
+    sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     """Builds the mesh from `{axis: size}` (-1 = the remaining devices) over all (global) devices.
 
     Axes are `Auto`: parameters and batches are placed by the rules, XLA propagates the rest.

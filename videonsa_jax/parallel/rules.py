@@ -39,7 +39,7 @@ def logical_to_spec(
     mesh: jax.sharding.Mesh,
     shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
-    """The `PartitionSpec` of an array whose axes have the given logical names (None = replicated)."""
+    """The `PartitionSpec` of an array with these logical axis names (None = replicated)."""
     table = _rule_table(rules)
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
@@ -101,4 +101,3 @@ def process_batch_shard(sharding: NamedSharding, global_shape: Sequence[int]) ->
     if global_shape[0] % size or start % size:
         raise ValueError(f"process rows [{start}, {stop}) do not tile a batch of {global_shape[0]}")
     return start // size, global_shape[0] // size
-

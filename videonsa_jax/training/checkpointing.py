@@ -93,7 +93,9 @@ class Checkpointer:
         """True once JAX's multi-process preemption notice (e.g. SIGTERM on a pod) is agreed on."""
         return self._manager.reached_preemption(step)
 
-    def restore_latest(self, abstract_state: Any, data_iter: DataIterator) -> tuple[Any, int] | None:
+    def restore_latest(
+        self, abstract_state: Any, data_iter: DataIterator
+    ) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
         Returns (state, step), or None when there is no checkpoint. The iterator is moved to the

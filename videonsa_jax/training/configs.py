@@ -48,10 +48,7 @@ DEFAULT_RULES = (
 
 
 def _fields(obj) -> dict:
-    return {
-        f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
-        for f in dataclasses.fields(obj)
-    }
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -125,10 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config(config: ml_collections.ConfigDict, special_ids: dict[str, int]) -> ModelConfig:
     """The from-scratch `ModelConfig` of `config.model` (token ids from the tokenizer)."""
     m = config.model
-    tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return ModelConfig(
-        text=TextConfig(**tuples(m.text.to_dict())),
-        vision=VisionConfig(**tuples(m.vision.to_dict())),
+        text=TextConfig(**m.text.to_dict()),
+        vision=VisionConfig(**m.vision.to_dict()),
         attention=AttentionConfig(**m.attention.to_dict()),
         remat=m.remat,
         **special_ids,
@@ -138,10 +134,10 @@ def model_config(config: ml_collections.ConfigDict, special_ids: dict[str, int])
 def check_paths(config: ml_collections.ConfigDict) -> None:
     """Fails with one clear message when a path the run needs does not exist."""
     init = config.model.init_from
-    if init and not os.path.isdir(init):
+    if init and not os.path.isfile(os.path.join(init, "config.json")):
         raise FileNotFoundError(
-            f"config.model.init_from={init!r} is not a directory; pass an HF-format checkpoint "
-            "dir (config.json + *.safetensors), e.g. --config.model.init_from=/path/to/model"
+            f"config.model.init_from={init!r} is not a checkpoint directory (no config.json); "
+            "pass an HF-format dir (config.json + *.safetensors): --config.model.init_from=DIR"
         )
     if config.data.synthetic.task:
         return

@@ -76,7 +76,9 @@ def evaluate(
             model_inputs, inputs_lib.shardings(model_inputs, mesh, rules)
         )
         scores = np.asarray(eval_step(params, rest, sharded, letter_ids))
-        for row, (choices, answer) in enumerate(zip(batch["choices"], batch["answer_index"])):
+        for row, (choices, answer) in enumerate(
+            zip(batch["choices"], batch["answer_index"], strict=True)
+        ):
             if answer < 0 or not choices:
                 continue
             hit = int(np.argmax(scores[row, : len(choices)]) == answer)

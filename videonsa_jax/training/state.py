@@ -52,21 +52,26 @@ def model_factory(
     )
 
 
-def load_pretrained_params(config: ml_collections.ConfigDict) -> nnx.State:
-    """The parameters of `config.model.init_from` (gates initialised when absent), in fp32."""
+def load_pretrained_params(config: ml_collections.ConfigDict, shardings: nnx.State) -> nnx.State:
+    """The parameters of `config.model.init_from`, each placed on the mesh as it is read.
+
+    VideoNSA gates absent from the checkpoint keep their fresh initialisation.
+    """
     from videonsa_jax.checkpoints import from_pretrained  # noqa: PLC0415 - heavy, only here.
 
+    by_path = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
     attention = config.model.attention.to_dict()
+    dtype, param_dtype = dtypes(config)
     model = from_pretrained(
         config.model.init_from,
-        dtype=dtypes(config)[0],
+        dtype=dtype,
         attention=attention.pop("kind"),
+        param_dtype=param_dtype,
+        sharding=lambda path, _: by_path.get(path),
         remat=config.model.remat,
         **attention,
     )
-    params = nnx.state(model, nnx.Param)
-    param_dtype = dtypes(config)[1]
-    return jax.tree.map(lambda x: x.astype(param_dtype), params)
+    return nnx.state(model, nnx.Param)
 
 
 def abstract_state(
@@ -100,12 +105,11 @@ def init_state(
     shardings: TrainState,
     params: nnx.State | None = None,
 ) -> TrainState:
-    """A fresh sharded TrainState from `make_model()` (inside jit) or from host `params`."""
+    """A fresh sharded TrainState from `make_model()` (inside jit) or from loaded `params`."""
     if params is None:
         init = lambda: new_state(nnx.state(make_model(), nnx.Param), tx)
         return jax.jit(init, out_shardings=shardings)()
-    params = jax.device_put(params, shardings.params)
-    return jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params)
+    return jax.jit(lambda p: new_state(p, tx), out_shardings=shardings, donate_argnums=0)(params)
 
 
 def gate_means(model: nnx.Module) -> dict[str, jax.Array]:

@@ -82,7 +82,7 @@ def token_nll(
     *,
     chunk_size: int,
 ) -> jax.Array:
-    """sum(weights * -log softmax(project(hidden))[targets]) in fp32, `chunk_size` positions at a time.
+    """sum(weights * -log softmax(project(hidden))[targets]) in fp32, chunk by chunk.
 
     Only one chunk of logits ([B, chunk_size, vocab]) exists at a time, also in the backward pass
     (each chunk is rematerialised); chunks without a target token are skipped.
@@ -114,10 +114,14 @@ def token_nll(
 
     def body(total, xs):
         h, t, w = xs
-        nll = jax.lax.cond(jnp.any(w != 0), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, w)
+        nll = jax.lax.cond(
+            jnp.any(w != 0), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, w
+        )
         return total + nll, None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights))
+    )
     return total
 
 
@@ -128,11 +132,14 @@ def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.
     return targets, weights
 
 
-def _schedule_count(opt_state: optax.OptState) -> jax.Array:
-    """The number of updates applied so far (skipped steps do not advance the schedule)."""
+def _schedule_count(state: TrainState) -> jax.Array:
+    """Updates applied so far: the optimizer's schedule count (skipped steps do not advance it),
+    or the step when the optimizer has no schedule."""
     is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-    (state,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
-    return state.count
+    counts = [
+        x.count for x in jax.tree.leaves(state.opt_state, is_leaf=is_schedule) if is_schedule(x)
+    ]
+    return counts[0] if counts else state.step
 
 
 def accumulate_gradients(
@@ -168,7 +175,12 @@ def accumulate_gradients(
     first = jax.tree.map(lambda x: x[0], batch)
     aux_shape = jax.eval_shape(lambda: micro_loss(params, first)[1][1])
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    init = (jax.tree.map(zeros, params), jnp.zeros(()), jnp.zeros(()), jax.tree.map(zeros, aux_shape))
+    init = (
+        jax.tree.map(zeros, params),
+        jnp.zeros(()),
+        jnp.zeros(()),
+        jax.tree.map(zeros, aux_shape),
+    )
     (grads, nll, tokens, aux), _ = jax.lax.scan(accumulate, init, batch)
     denom = jnp.maximum(tokens, 1.0)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
@@ -207,7 +219,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(_schedule_count(state.opt_state)),
+            "learning_rate": schedule(_schedule_count(state)),
             "target_tokens": tokens,
             "nonfinite": new_state.nonfinite,
             **aux,
