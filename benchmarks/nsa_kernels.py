@@ -14,11 +14,11 @@ fwd/fwd+bwd, peak extra memory of our fwd+bwd. Prints markdown tables. Imports o
 from __future__ import annotations
 
 import argparse
-import traceback
 import functools
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -43,8 +43,12 @@ ANCHOR_FWDBWD = {  # T: (fla 64/4 + cuDNN SWA, mdy666 flash_nsa + cuDNN SWA)
     65536: (284.7 + 6.22, 100.6),
     131072: (676.1 + 12.31, 229.3),
 }
-ANCHOR_FWD = {8192: (5.83 + 0.32, None), 32768: (30.51 + 0.72, 17.8 + 0.72),
-              65536: (78.57 + 1.11, 39.2 + 1.11), 131072: (231.43 + 2.22, 90.6 + 2.22)}
+ANCHOR_FWD = {
+    8192: (5.83 + 0.32, None),
+    32768: (30.51 + 0.72, 17.8 + 0.72),
+    65536: (78.57 + 1.11, 39.2 + 1.11),
+    131072: (231.43 + 2.22, 90.6 + 2.22),
+}
 
 
 def bench(fn, *args, n: int = 10) -> float:
@@ -63,8 +67,9 @@ def inputs(t: int, dtype, seed: int = 0):
     q = jax.random.normal(ks[0], (1, t, HQ, D), dtype)
     k = jax.random.normal(ks[1], (1, t, H, D), dtype)
     v = jax.random.normal(ks[2], (1, t, H, D), dtype)
-    gates = [jax.nn.sigmoid(jax.random.normal(ks[3 + i], (1, t, HQ))).astype(dtype)
-             for i in range(3)]
+    gates = [
+        jax.nn.sigmoid(jax.random.normal(ks[3 + i], (1, t, HQ))).astype(dtype) for i in range(3)
+    ]
     do = jax.random.normal(ks[6], (1, t, HQ, D), dtype)
     return q, k, v, gates, do
 
@@ -79,8 +84,12 @@ def flops(t: int) -> dict[str, float]:
     pairs_cmp = sum(max(0, (i + 1) // BS) for i in range(0, t, BS)) * BS  # sum_t visible blocks
     pairs_slc = sum(min(S * BS, (i // BS + 1) * BS) for i in range(0, t, BS)) * BS
     pairs_swa = sum(min(W, i + 1) for i in range(t))
-    return {"cmp": 4 * D * HQ * pairs_cmp, "topk": 2 * D * HQ * pairs_cmp,
-            "slc": 4 * D * HQ * pairs_slc, "swa": 4 * D * HQ * pairs_swa}
+    return {
+        "cmp": 4 * D * HQ * pairs_cmp,
+        "topk": 2 * D * HQ * pairs_cmp,
+        "slc": 4 * D * HQ * pairs_slc,
+        "swa": 4 * D * HQ * pairs_swa,
+    }
 
 
 def check(t: int, grads: bool) -> None:
@@ -90,30 +99,46 @@ def check(t: int, grads: bool) -> None:
     (o, _), (ro, _) = ours(q, k, v, *gates), ref(q, k, v, *gates)
     line = f"check T={t} bf16: o rel err {rel(o, ro):.2e}"
     if grads:
+
         def loss(f, *a):
             return jnp.sum(f(*a, **KW).astype(jnp.float32) * do.astype(jnp.float32))
+
         g_ours = jax.jit(jax.grad(functools.partial(loss, nsa_gpu), argnums=tuple(range(6))))
-        g_ref = jax.jit(jax.grad(functools.partial(loss, reference.nsa_reference),
-                                 argnums=tuple(range(6))))
-        errs = [rel(a, b) for a, b in zip(g_ours(q, k, v, *gates), g_ref(q, k, v, *gates))]
-        line += " | grads (q,k,v,g_cmp,g_slc,g_swa) " + " ".join(f"{e:.2e}" for e in errs)
+        g_ref = jax.jit(
+            jax.grad(functools.partial(loss, reference.nsa_reference), argnums=tuple(range(6)))
+        )
+        up = [x.astype(jnp.float32) for x in (q, k, v, *gates)]
+        with jax.default_matmul_precision("highest"):
+            g32 = g_ref(*up)
+        for name, fn in (("ours", g_ours), ("reference bf16", g_ref)):
+            errs = " ".join(
+                f"{rel(a, b):.2e}" for a, b in zip(fn(q, k, v, *gates), g32, strict=True)
+            )
+            line += f"\n   grads (q,k,v,g_cmp,g_slc,g_swa) {name} vs fp32 reference: {errs}"
     print(line, flush=True)
     # Block indices on fp32 inputs: our whole path (lse + top-k) vs the reference's.
     q, k, v, gates, _ = inputs(t, jnp.float32, seed=2)
     with jax.default_matmul_precision("highest"):
         _, _, _, idx = jax.jit(functools.partial(nsa_branches, **KW))(q, k, v)
         kc = reference.mean_pool(k, BS)
-        _, lse = jax.jit(functools.partial(reference.compression_attention, block_size=BS,
-                                           scale=SCALE))(q, kc, kc)
-        ridx = jax.jit(functools.partial(reference.select_blocks, block_size=BS, block_count=S,
-                                         scale=SCALE))(q, kc, lse)
+        _, lse = jax.jit(
+            functools.partial(reference.compression_attention, block_size=BS, scale=SCALE)
+        )(q, kc, kc)
+        ridx = jax.jit(
+            functools.partial(reference.select_blocks, block_size=BS, block_count=S, scale=SCALE)
+        )(q, kc, lse)
     idx, ridx = np.asarray(idx), np.asarray(ridx)
     bad = np.argwhere((idx != ridx).any(-1))
-    print(f"check T={t} fp32 block indices: {len(bad)} of {idx.shape[1] * H} (token, kv head) rows "
-          f"differ", flush=True)
+    print(
+        f"check T={t} fp32 block indices: {len(bad)} of {idx.shape[1] * H} (token, kv head) rows "
+        f"differ",
+        flush=True,
+    )
     for b_, i, h in bad[:3]:
-        print(f"   row t={i} h={h}: ours-only {sorted(set(idx[b_, i, h]) - set(ridx[b_, i, h]))} "
-              f"ref-only {sorted(set(ridx[b_, i, h]) - set(idx[b_, i, h]))}")
+        print(
+            f"   row t={i} h={h}: ours-only {sorted(set(idx[b_, i, h]) - set(ridx[b_, i, h]))} "
+            f"ref-only {sorted(set(ridx[b_, i, h]) - set(idx[b_, i, h]))}"
+        )
 
 
 def branch_times(t: int) -> dict[str, float]:
@@ -124,8 +149,9 @@ def branch_times(t: int) -> dict[str, float]:
     fl = dict(scale=SCALE, block_size=BS, window=W, interpret=False)
     cmp_f = jax.jit(functools.partial(gpu_flash.flash_fwd, mode="cmp", **fl))
     swa_f = jax.jit(functools.partial(gpu_flash.flash_fwd, mode="swa", **fl))
-    topk = jax.jit(functools.partial(select_blocks, block_size=BS, block_count=S, scale=SCALE,
-                                     interpret=False))
+    topk = jax.jit(
+        functools.partial(select_blocks, block_size=BS, block_count=S, scale=SCALE, interpret=False)
+    )
     sl = dict(scale=SCALE, block_size=BS, interpret=False)
     slc_f = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))
     cmp_b = jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl))
@@ -162,8 +188,7 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
     fwd = jax.jit(functools.partial(nsa_gpu, **KW))
 
     def loss(q, k, v, a, b, c):
-        return jnp.sum(nsa_gpu(q, k, v, a, b, c, **KW).astype(jnp.float32) *
-                       do.astype(jnp.float32))
+        return jnp.sum(nsa_gpu(q, k, v, a, b, c, **KW).astype(jnp.float32) * do.astype(jnp.float32))
 
     fwdbwd = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
     base = dev.memory_stats()["bytes_in_use"]
@@ -178,16 +203,29 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
         f"| {t // 1024}K | {br['cmp']:.2f} ({tf['cmp']:.0f}) | {br['topk']:.2f} ({tf['topk']:.0f})"
         f" | {br['slc']:.2f} ({tf['slc']:.0f}) | {br['swa']:.2f} ({tf['swa']:.0f})"
         f" | {br['cmp_bwd']:.2f} ({tfb['cmp']:.0f}) | {br['slc_bwd']:.2f} ({tfb['slc']:.0f})"
-        f" | {br['swa_bwd']:.2f} ({tfb['swa']:.0f}) |")
+        f" | {br['swa_bwd']:.2f} ({tfb['swa']:.0f}) |"
+    )
     d_f = d_fb = float("nan")
     if dense:
+
         def dpa(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
         d_f = bench(jax.jit(dpa), q, k, v, n=5)
-        d_fb = bench(jax.jit(jax.grad(lambda q, k, v: jnp.sum(
-            dpa(q, k, v).astype(jnp.float32) * do.astype(jnp.float32)), argnums=(0, 1, 2))),
-            q, k, v, n=3)
+        d_fb = bench(
+            jax.jit(
+                jax.grad(
+                    lambda q, k, v: jnp.sum(
+                        dpa(q, k, v).astype(jnp.float32) * do.astype(jnp.float32)
+                    ),
+                    argnums=(0, 1, 2),
+                )
+            ),
+            q,
+            k,
+            v,
+            n=3,
+        )
     a_f, a_fb = ANCHOR_FWD.get(t, (None, None)), ANCHOR_FWDBWD.get(t, (None, None))
 
     def ratio(x, ours):
@@ -196,21 +234,55 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
     rows.append(
         f"| {t // 1024}K | {t_f:.2f} | {t_fb:.2f} | {peak:.2f} | {d_f:.2f} | {d_fb:.2f} | "
         f"{d_fb / t_fb:.1f}x | {ratio(a_fb[0], t_fb)} | {ratio(a_fb[1], t_fb)} | "
-        f"{ratio(a_f[1], t_f)} |")
+        f"{ratio(a_f[1], t_f)} |"
+    )
     print(rows[-1], flush=True)
     print(split_rows[-1], flush=True)
 
 
 def print_tables(rows: list[str], split_rows: list[str]) -> None:
-    print("\n| T | ours fwd ms | ours fwd+bwd ms | peak extra GiB (fwd+bwd) | cuDNN dense fwd | "
-          "cuDNN dense fwd+bwd | speedup vs cuDNN (fwd+bwd) | vs fla 64/4 + SWA (fwd+bwd) | "
-          "vs mdy666 + SWA (fwd+bwd) | vs mdy666 + SWA (fwd) |")
+    print(
+        "\n| T | ours fwd ms | ours fwd+bwd ms | peak extra GiB (fwd+bwd) | cuDNN dense fwd | "
+        "cuDNN dense fwd+bwd | speedup vs cuDNN (fwd+bwd) | vs fla 64/4 + SWA (fwd+bwd) | "
+        "vs mdy666 + SWA (fwd+bwd) | vs mdy666 + SWA (fwd) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nPer branch, ms (effective TFLOP/s):\n")
     print("| T | cmp fwd | top-k | slc fwd | swa fwd | cmp bwd | slc bwd | swa bwd |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(split_rows))
+
+
+def sweep(t: int) -> None:
+    """Launch-parameter sweep of the selection walk and the backward's parts at one length."""
+    q, k, v, _, do = inputs(t, jnp.bfloat16)
+    off = jnp.zeros((1,), jnp.int32)
+    kc = reference.mean_pool(k, BS)
+    _, lse = jax.jit(
+        functools.partial(
+            gpu_flash.flash_fwd, mode="cmp", scale=SCALE, block_size=BS, window=W, interpret=False
+        )
+    )(q, kc, kc, off)
+    idx = jax.jit(
+        functools.partial(select_blocks, block_size=BS, block_count=S, scale=SCALE, interpret=False)
+    )(q, kc, lse, off)
+    nb = -(-t // BS)
+    inv = jax.jit(functools.partial(gpu_selection._inverse_index, nb=nb))
+    print(f"sweep T={t}: inverse index (sort) {bench(inv, idx):.2f} ms", flush=True)
+    for launch in ((4, 2), (4, 3), (4, 4), (8, 3), (2, 3), (2, 4)):
+        gpu_selection.WALK_LAUNCH = launch
+        f = jax.jit(
+            functools.partial(
+                gpu_selection.selection_fwd, scale=SCALE, block_size=BS, interpret=False
+            )
+        )
+        try:
+            ms = bench(f, q, k, v, idx, off)
+            print(f"sweep T={t}: selection fwd warps/stages {launch}: {ms:.2f} ms", flush=True)
+        except Exception as e:
+            print(f"sweep {launch} failed {e!r}"[:300], flush=True)
+    gpu_selection.WALK_LAUNCH = (4, 3)
 
 
 def main() -> None:
@@ -220,6 +292,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--sweep", type=int, default=0, help="sweep launch parameters at this T")
     a = ap.parse_args()
     print("jax", jax.__version__, jax.devices(), flush=True)
     if not a.no_check:
@@ -228,6 +301,8 @@ def main() -> None:
                 check(t, grads=i == 0)
             except Exception as e:  # keep going: the timings still come back
                 print(f"check T={t} FAILED: {e!r}"[:2000], flush=True)
+    if a.sweep:
+        sweep(a.sweep)
     if not a.no_time:
         timings([int(x) for x in a.seqs.split(",")], dense=not a.no_dense)
 

@@ -180,3 +180,32 @@ def test_context_limit(tiny):
     config = gen.GenerationConfig(max_new_tokens=model.config.text.max_position_embeddings)
     with pytest.raises(gen.ContextLengthError, match="context of 4096 tokens"):
         gen.generate(model, model.prepare_inputs(ids, mask), config)
+
+
+def test_videonsa_cached_generation_matches_recompute():
+    """Hybrid-attention prefill + dense decode over the cache == re-running the whole sequence."""
+    import tiny_videonsa as T
+    from flax import nnx
+
+    from videonsa_jax.model.qwen2_5_vl import Qwen2_5_VL
+
+    config = T.tiny_config(attention="videonsa", block_size=4, block_count=2, window_size=8)
+    model = Qwen2_5_VL(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    grid = (2, 4, 4)
+    prompt = [1, 5, 6] + [9] + [13] * 8 + [10] + rng.integers(20, 400, 9).tolist()
+    pixels = H.random_pixels(rng, [grid])
+    n = 4
+    ids, mask = gen.pad_prompts([prompt], 0, multiple=len(prompt) + n)
+    vision = dict(pixel_values_videos=pixels, video_grid_thw=np.array([grid]))
+    out = gen.generate(
+        model,
+        model.prepare_inputs(ids, mask, **vision),
+        gen.GenerationConfig(max_new_tokens=n, eos_token_ids=(2,), pad_token_id=0),
+    )
+    tokens = list(prompt)
+    for _ in range(n):  # Greedy without a cache: the full (fixed-length) sequence every step.
+        ids[0, : len(tokens)], mask[0, : len(tokens)] = tokens, 1
+        logits = model(ids, mask, **vision)
+        tokens.append(int(np.argmax(np.asarray(logits)[0, len(tokens) - 1])))
+    assert out.tokens[0].tolist() == tokens[len(prompt) :]

@@ -115,11 +115,14 @@ def test_one_image(models):
     kwargs = _vision_kwargs(rng, images=[IMAGE])
     exact = _check(models, [ids], **kwargs)
 
-    # Padding the ViT rows to a fixed count (for static shapes) changes nothing.
+    # Padding the ViT rows and attention groups to fixed sizes (static shapes) changes nothing.
     model = models[1]
     n = int(np.prod(IMAGE)) + 32
-    padded = model.prepare_inputs([ids], **kwargs, num_patches=n)
+    sizes = dict(num_patches=n, num_windows=8, num_slices=2, slice_len=256)
+    padded = model.prepare_inputs([ids], **kwargs, **sizes)
     assert padded.pixel_rows.shape[0] == n
+    assert padded.vision_layout.window_index.shape[0] == 8
+    assert padded.vision_layout.full_index.shape == (2, 256)
     np.testing.assert_allclose(_run(nnx.state(model), padded)[1], exact, atol=1e-5, rtol=0)
 
 

@@ -15,6 +15,8 @@ from pallas_kernels.nsa import nsa, reference
 from pallas_kernels.nsa.gpu import nsa_gpu
 
 KW = dict(block_size=8, block_count=4, window_size=12)
+# Interpret-mode tests: block 8 is below Triton's MMA minimum (16), so they run on CPU only.
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret-mode test")
 
 
 def _inputs(tq, tk, h, g, d, seed, dtype=jnp.float32):
@@ -31,6 +33,7 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+@cpu_only
 def test_values_and_grads_traced_offset():
     """G=7, 37 queries at offset 24 of 61 keys (traced): output, block indices, all six grads."""
     q, k, v, gates = _inputs(37, 61, 1, 7, 16, seed=0)
@@ -44,10 +47,11 @@ def test_values_and_grads_traced_offset():
     want, (ro, ridx) = grad("reference", 24, q, k, v, *gates)
     assert _rel(o, ro) < 1e-5
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(ridx))
-    for name, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"), got, want):
+    for name, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"), got, want, strict=True):
         assert _rel(a, b) < 1e-5, name
 
 
+@cpu_only
 @pytest.mark.parametrize(
     "h,g,tq,tk,off", [(2, 1, 45, 45, 0), (1, 5, 29, 53, 24), (1, 8, 19, 19, 0)]
 )

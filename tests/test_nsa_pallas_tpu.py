@@ -4,6 +4,7 @@ the TPU interpreter with race detection, and a TPU (Mosaic) export of every kern
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -81,12 +82,13 @@ def _check(args, cotangent, q_offset, kw, pallas_kw, atol=2e-5):
 
 
 # (B, Tq, Tk, H, G, q_offset, pallas options): T not a multiple of the block, several query tiles,
-# a key-range split of the dkv kernels, queries that start mid-sequence.
+# a key-range split of the dkv kernels, queries that start mid-sequence, NB > 128.
 CASES = [
     (1, 27, 27, 2, 1, 0, {"q_tile": 16}),
     (2, 20, 37, 1, 5, 13, {}),
     (1, 24, 32, 1, 7, 8, {"q_tile": 8, "kv_split": 2}),
     (1, 19, 30, 1, 8, 11, {}),
+    (1, 16, 1100, 1, 2, 1084, {}),  # NB = 138: two compressed-key chunks of 128
 ]
 
 
@@ -142,9 +144,9 @@ def test_ops_entry_point_runs_tpu_kernels_bf16():
     from pallas_kernels.nsa import nsa
 
     kw = dict(block_size=16, block_count=3, window_size=32, return_block_indices=True)
-    args, _ = _inputs(0, 1, 48, 48, 1, 3, 32, jnp.bfloat16)
-    out, idx = nsa(*args, impl="pallas_tpu", **kw)
-    ref, idx_ref = nsa(*args, impl="reference", **kw)
+    args, _ = _inputs(0, 1, 40, 40, 1, 3, 32, jnp.bfloat16)
+    out, idx = jax.jit(functools.partial(nsa, impl="pallas_tpu", **kw))(*args)
+    ref, idx_ref = jax.jit(functools.partial(nsa, impl="reference", **kw))(*args)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(idx_ref))
     np.testing.assert_allclose(

@@ -70,8 +70,8 @@ def test_matches_torch_composition(t, d, block_size, block_count, window_size):
 
 
 def test_topk_above_2048_matches_sorted_importance():
-    """Released config (BS 64, S 32) at T = 4500: 71 blocks, two chunks of the bitonic merge."""
-    t, d, block_size, block_count = 4500, 16, 64, 32
+    """Released config (BS 64, S 32) at T = 4200: 66 blocks, two chunks of the bitonic merge."""
+    t, d, block_size, block_count = 4200, 16, 64, 32
     q, k, v, _ = _inputs(t, d, seed=5)
     scale = d**-0.5
     tq, tk = oracle.to_torch(q), oracle.to_torch(k)
@@ -94,7 +94,11 @@ def test_topk_above_2048_matches_sorted_importance():
         )
     )
     assert (idx_t[:, 2048:] >= 0).all()  # top-k is active past 32 blocks
-    np.testing.assert_array_equal(idx, idx_t)
+    # Same sets; the order is by decreasing importance up to rounding (near-ties may swap).
+    np.testing.assert_array_equal(oracle.canonical_indices(idx), oracle.canonical_indices(idx_t))
+    imp = np.take_along_axis(imp_t.numpy(), np.maximum(idx, 0), axis=-1)
+    imp = np.where(idx >= 0, imp, -np.inf)
+    assert (imp[..., :-1] >= imp[..., 1:] * (1 - 1e-5)).all()
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def _tiny_setup():
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("dense")
+    config = module.get_config()  # VideoNSA
     config.model.dtype = "float32"
     model_config = configs.model_config(config, IDS)
     return config, model_config

@@ -21,8 +21,7 @@ Each analysis is a function on arrays, plus a markdown table and a PNG (matplotl
 
 CLI (`python -m videonsa_jax.analysis`):
     prefill --model DIR --video FILE --out DIR [--question Q --fps --max_frames --max_pixels]
-        gate statistics, sink ratios and selection maps of one prefill (needs the model's
-        `attention_internals`).
+        gate statistics, sink ratios and selection maps of one prefill (attention "videonsa").
     sweep --config configs/eval/<task>.py --model DIR --block_counts 8,16,32 --window_sizes 64,256
         --out DIR  runs the evaluation per budget and tabulates accuracy.
 """
@@ -438,13 +437,9 @@ def analyze_internals(
 
 def _prefill_command(args: argparse.Namespace) -> None:
     from videonsa_jax import infer
+    from videonsa_jax.model import videonsa
 
     model, tokenizer, _ = infer.load(args.model, attention="videonsa")
-    if not hasattr(model, "attention_internals"):
-        raise SystemExit(
-            "this model build does not expose `attention_internals(inputs)`; the prefill analysis "
-            "needs per-layer q/k/v, gates and selected blocks"
-        )
     question = infer.encode_video_question(
         tokenizer,
         args.video,
@@ -456,7 +451,7 @@ def _prefill_command(args: argparse.Namespace) -> None:
     inputs = infer.batch_inputs(model, [question], pad_token_id=0)
     internals = {
         k: np.asarray(v)[:, 0] if k != "vision_mask" else np.asarray(v)[0]
-        for k, v in model.attention_internals(inputs).items()
+        for k, v in videonsa.attention_internals(model, inputs).items()
     }
     a = model.config.attention
     tables = analyze_internals(

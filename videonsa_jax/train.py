@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -117,6 +118,52 @@ def _export(graphdef, state: step_lib.TrainState, rest, tokenizer_dir: str, path
         logging.info("exported the final model to %s", path)
 
 
+def make_datasets(
+    config: ml_collections.ConfigDict, tokenizer: chat.Tokenizer, train_jsonl: str, eval_jsonl: str
+) -> tuple[Any, Any]:
+    """(the training iterator, the eval dataset or None).
+
+    Every process reads the whole global batch (see training/inputs.py); the eval split is read
+    without the answers (DataConfig.train=False), once per evaluation.
+    """
+    d = config.data
+    data_config = DataConfig(
+        max_length=d.max_length,
+        fps=d.fps,
+        max_frames=d.max_frames,
+        min_frames=d.min_frames,
+        min_pixels=d.min_pixels,
+        max_pixels=d.max_pixels,
+    )
+    media_root = d.media_root or None
+    train_ds = make_dataset(
+        JsonlSource(train_jsonl, media_root),
+        tokenizer,
+        data_config,
+        batch_size=d.batch_size,
+        seed=config.seed,
+        shuffle=d.shuffle,
+        shard_index=0,
+        shard_count=1,
+        worker_count=d.worker_count,
+        read_threads=d.read_threads,
+    )
+    eval_ds = None
+    if eval_jsonl and config.eval.every:
+        eval_ds = make_dataset(
+            JsonlSource(eval_jsonl, media_root),
+            tokenizer,
+            dataclasses.replace(data_config, train=False),
+            batch_size=config.eval.batch_size,
+            shuffle=False,
+            num_epochs=1,
+            shard_index=0,
+            shard_count=1,
+            read_threads=d.read_threads,
+        )
+    return iter(train_ds), eval_ds
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs (or resumes) the training described by `config`, writing everything under `workdir`."""
     try:
@@ -146,30 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info("model: %s attention, %.1fM parameters", model_config.attention.kind,
                  num_params / 1e6)  # fmt: skip
 
-    d = config.data
-    data_config = DataConfig(
-        max_length=d.max_length,
-        fps=d.fps,
-        max_frames=d.max_frames,
-        min_frames=d.min_frames,
-        min_pixels=d.min_pixels,
-        max_pixels=d.max_pixels,
-    )
-    train_iter = iter(
-        make_dataset(
-            JsonlSource(train_jsonl, d.media_root or None),
-            tokenizer,
-            data_config,
-            batch_size=d.batch_size,
-            seed=config.seed,
-            shuffle=d.shuffle,
-            shard_index=0,  # every process builds the global batch, see training/inputs.py
-            shard_count=1,
-            worker_count=d.worker_count,
-            read_threads=d.read_threads,
-        )
-    )
-    num_patches = d.num_patches or 4 * d.max_length * d.batch_size
+    train_iter, eval_ds = make_datasets(config, tokenizer, train_jsonl, eval_jsonl)
+    num_patches = config.data.num_patches or 4 * config.data.max_length * config.data.batch_size
 
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -196,30 +221,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
     eval_step = jax.jit(evaluation.make_eval_step(graphdef))
     letter_ids = evaluation.letter_token_ids(tokenizer)
-    eval_ds = None
-    if eval_jsonl and config.eval.every:
-        eval_ds = make_dataset(
-            JsonlSource(eval_jsonl, d.media_root or None),
-            tokenizer,
-            dataclasses.replace(data_config, train=False),
-            batch_size=config.eval.batch_size,
-            shuffle=False,
-            num_epochs=1,
-            shard_index=0,
-            shard_count=1,
-            read_threads=d.read_threads,
-        )
+    eval_patches = config.eval.batch_size * num_patches // config.data.batch_size
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, params: nnx.State) -> None:
         scores = evaluation.evaluate(
-            eval_step, state.params, rest, model, iter(eval_ds), letter_ids, mesh=mesh,
-            rules=rules, num_patches=config.eval.batch_size * num_patches // d.batch_size,
-            max_batches=config.eval.max_batches,
+            eval_step, params, rest, model, iter(eval_ds), letter_ids, mesh=mesh, rules=rules,
+            num_patches=eval_patches, max_batches=config.eval.max_batches,
         )  # fmt: skip
         writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-        logging.info(
-            "eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
-        )
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
+        logging.info("eval at step %d: %s", step, shown)
 
     writer = metrics.MetricWriter(workdir)
     progress = metrics.Progress(start, config.train.num_steps)
@@ -227,13 +238,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     num_steps = config.train.num_steps
     logging.info("training steps %d..%d", start + 1, num_steps)
     for step in range(start + 1, num_steps + 1):
+        progress.start_step()
         micro = [next(train_iter) for _ in range(config.train.grad_accum)]
         host = inputs_lib.stack([inputs_lib.model_batch(model, b, num_patches) for b in micro])
         batch = inputs_lib.device_put(host, inputs_lib.shardings(host, mesh, rules, leading=1))
         state, step_metrics = train_step(state, rest, batch)
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         tokens = sum(int(np.sum(b["attention_mask"])) for b in micro)
-        scalars.update(progress.tick(step, tokens))
+        scalars.update(progress.end_step(step, tokens))
         scalars["skipped_samples"] = float(sum(b["num_skipped"] for b in micro))
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         if scalars["nonfinite"] >= config.train.max_nonfinite_steps:
@@ -246,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
             shown = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time")
             progress.log(step, {k: scalars[k] for k in shown})
         if eval_ds is not None and (step % config.eval.every == 0 or step == num_steps):
-            run_eval(step)
+            run_eval(step, state.params)
         checkpointer.save(step, state, train_iter)
         if signals["sigterm"] or checkpointer.reached_preemption(step):
             checkpointer.save(step, state, train_iter, force=True)

@@ -36,9 +36,17 @@ class _Cfg(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q: Array, k: Array, v: Array, off: Array, cfg: _Cfg) -> tuple[Array, Array]:
-    return gpu_flash.flash_fwd(q, k, v, off, mode=cfg.mode, scale=cfg.scale,
-                               block_size=cfg.block_size, window=cfg.window,
-                               interpret=cfg.interpret)
+    return gpu_flash.flash_fwd(
+        q,
+        k,
+        v,
+        off,
+        mode=cfg.mode,
+        scale=cfg.scale,
+        block_size=cfg.block_size,
+        window=cfg.window,
+        interpret=cfg.interpret,
+    )
 
 
 def _flash_fwd(q, k, v, off, cfg):
@@ -48,9 +56,20 @@ def _flash_fwd(q, k, v, off, cfg):
 
 def _flash_bwd(cfg, res, cts):
     q, k, v, off, o, lse = res
-    dq, dk, dv = gpu_flash.flash_bwd(q, k, v, o, lse, cts[0], off, mode=cfg.mode, scale=cfg.scale,
-                                     block_size=cfg.block_size, window=cfg.window,
-                                     interpret=cfg.interpret)
+    dq, dk, dv = gpu_flash.flash_bwd(
+        q,
+        k,
+        v,
+        o,
+        lse,
+        cts[0],
+        off,
+        mode=cfg.mode,
+        scale=cfg.scale,
+        block_size=cfg.block_size,
+        window=cfg.window,
+        interpret=cfg.interpret,
+    )
     return dq, dk, dv, None
 
 
@@ -59,29 +78,51 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _selection(q: Array, k: Array, v: Array, idx: Array, off: Array, cfg: _Cfg) -> Array:
-    return gpu_selection.selection_fwd(q, k, v, idx, off, scale=cfg.scale,
-                                       block_size=cfg.block_size, interpret=cfg.interpret)[0]
+    return gpu_selection.selection_fwd(
+        q, k, v, idx, off, scale=cfg.scale, block_size=cfg.block_size, interpret=cfg.interpret
+    )[0]
 
 
 def _selection_fwd(q, k, v, idx, off, cfg):
-    o, lse = gpu_selection.selection_fwd(q, k, v, idx, off, scale=cfg.scale,
-                                         block_size=cfg.block_size, interpret=cfg.interpret)
+    o, lse = gpu_selection.selection_fwd(
+        q, k, v, idx, off, scale=cfg.scale, block_size=cfg.block_size, interpret=cfg.interpret
+    )
     return o, (q, k, v, idx, off, o, lse)
 
 
 def _selection_bwd(cfg, res, do):
     q, k, v, idx, off, o, lse = res
-    dq, dk, dv = gpu_selection.selection_bwd(q, k, v, idx, o, lse, do, off, scale=cfg.scale,
-                                             block_size=cfg.block_size, interpret=cfg.interpret)
+    dq, dk, dv = gpu_selection.selection_bwd(
+        q,
+        k,
+        v,
+        idx,
+        o,
+        lse,
+        do,
+        off,
+        scale=cfg.scale,
+        block_size=cfg.block_size,
+        interpret=cfg.interpret,
+    )
     return dq, dk, dv, None, None
 
 
 _selection.defvjp(_selection_fwd, _selection_bwd)
 
 
-def nsa_branches(q: Array, k: Array, v: Array, *, block_size: int, block_count: int,
-                 window_size: int, scale: float | None = None, q_offset: int | Array = 0,
-                 interpret: bool = False) -> tuple[Array, Array, Array, Array]:
+def nsa_branches(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    block_size: int,
+    block_count: int,
+    window_size: int,
+    scale: float | None = None,
+    q_offset: int | Array = 0,
+    interpret: bool = False,
+) -> tuple[Array, Array, Array, Array]:
     """The three branch outputs [B, Tq, HQ, D] and the block indices [B, Tq, H, S]."""
     scale = default_scale(q.shape[-1], scale)
     off = jnp.asarray(q_offset, jnp.int32).reshape(1)
@@ -89,17 +130,37 @@ def nsa_branches(q: Array, k: Array, v: Array, *, block_size: int, block_count: 
     kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
     o_cmp, lse = _flash(q, kc, vc, off, cfg)
     sg = jax.lax.stop_gradient
-    idx = select_blocks(sg(q), sg(kc), sg(lse), off, block_size=block_size,
-                        block_count=block_count, scale=scale, interpret=interpret)
+    idx = select_blocks(
+        sg(q),
+        sg(kc),
+        sg(lse),
+        off,
+        block_size=block_size,
+        block_count=block_count,
+        scale=scale,
+        interpret=interpret,
+    )
     o_slc = _selection(q, k, v, idx, off, cfg)
     o_swa, _ = _flash(q, k, v, off, cfg._replace(mode="swa"))
     return o_cmp, o_slc, o_swa, idx
 
 
-def nsa_gpu(q: Array, k: Array, v: Array, g_cmp: Array, g_slc: Array, g_swa: Array, *,
-            block_size: int, block_count: int, window_size: int, scale: float | None = None,
-            q_offset: int | Array = 0, return_block_indices: bool = False,
-            interpret: bool = False) -> Array | tuple[Array, Array]:
+def nsa_gpu(
+    q: Array,
+    k: Array,
+    v: Array,
+    g_cmp: Array,
+    g_slc: Array,
+    g_swa: Array,
+    *,
+    block_size: int,
+    block_count: int,
+    window_size: int,
+    scale: float | None = None,
+    q_offset: int | Array = 0,
+    return_block_indices: bool = False,
+    interpret: bool = False,
+) -> Array | tuple[Array, Array]:
     """Native Sparse Attention (`videonsa`), same contract as `reference.nsa_reference`.
 
     Args:
@@ -111,9 +172,26 @@ def nsa_gpu(q: Array, k: Array, v: Array, g_cmp: Array, g_slc: Array, g_swa: Arr
 
     Returns:
         o [B, Tq, HQ, D] in q.dtype (and the block indices if requested).
+
+    Raises:
+        ValueError: compiled (not interpret) with block_size or head dim below 16 or not a power
+            of two (Triton tile rules).
     """
+    d = q.shape[-1]
+    if not interpret and any(x < 16 or x & (x - 1) for x in (block_size, d)):
+        raise ValueError(
+            f"nsa_gpu needs power-of-two block_size and head dim >= 16; got {block_size}, {d}"
+        )
     o_cmp, o_slc, o_swa, idx = nsa_branches(
-        q, k, v, block_size=block_size, block_count=block_count, window_size=window_size,
-        scale=scale, q_offset=q_offset, interpret=interpret)
+        q,
+        k,
+        v,
+        block_size=block_size,
+        block_count=block_count,
+        window_size=window_size,
+        scale=scale,
+        q_offset=q_offset,
+        interpret=interpret,
+    )
     o = combine(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
     return (o, idx) if return_block_indices else o

@@ -85,7 +85,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
     c = scale * LOG2E
 
     def body(jt, carry):
-        acc, m, l = carry
+        acc, m, den = carry
         j0 = jt * FWD_KEYS
         k = load_block(k_ref, b, j0, FWD_KEYS, h, nk)
         v = load_block(v_ref, b, j0, FWD_KEYS, h, nk)
@@ -95,25 +95,26 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        l = l * alpha + jnp.sum(p, axis=1)
+        den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, den
 
     init = (
         jnp.zeros((FWD_ROWS, d), jnp.float32),
         jnp.full((FWD_ROWS,), NEG, jnp.float32),
         jnp.zeros((FWD_ROWS,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS, body, init)
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    store_rows(o_ref, b, tok, head, valid, acc / l_safe[:, None])
-    lse = jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    acc, m, den = lax.fori_loop(lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS, body, init)
+    nonempty = den > 0
+    den_safe = jnp.where(nonempty, den, 1.0)
+    store_rows(o_ref, b, tok, head, valid, acc / den_safe[:, None])
+    lse = jnp.where(nonempty, (m + jnp.log2(den_safe)) * LN2, -jnp.inf)
     store_stat(lse_ref, b, tok, head, valid, lse)
 
 
-def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *, mode, g, scale,
-               bs, w):
+def _dq_kernel(
+    off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *, mode, g, scale, bs, w
+):
     tile, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
     nk, h_kv = k_ref.shape[1], k_ref.shape[2]
@@ -147,8 +148,24 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *,
     store_rows(dq_ref, b, tok, head, valid, dq * scale)
 
 
-def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, mode, g,
-                scale, bs, w, splits):
+def _dkv_kernel(
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    dl_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    mode,
+    g,
+    scale,
+    bs,
+    w,
+    splits,
+):
     kt, bh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     _, tq, _, d = q_ref.shape
     nk, h_kv = k_ref.shape[1], k_ref.shape[2]
@@ -195,8 +212,9 @@ def _static(mode, g, scale, bs, w):
     return dict(mode=mode, g=g, scale=scale, bs=bs, w=w)
 
 
-def flash_fwd(q, k, v, off, *, mode: str, scale: float, block_size: int, window: int,
-              interpret: bool) -> tuple[Array, Array]:
+def flash_fwd(
+    q, k, v, off, *, mode: str, scale: float, block_size: int, window: int, interpret: bool
+) -> tuple[Array, Array]:
     """Forward of one branch -> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32)."""
     bsz, tq, hq, _ = q.shape
     h = k.shape[2]
@@ -207,8 +225,21 @@ def flash_fwd(q, k, v, off, *, mode: str, scale: float, block_size: int, window:
     return call(kern, grid, out, interpret, 8, 2, off, q, k, v)
 
 
-def flash_bwd(q, k, v, o, lse, do, off, *, mode: str, scale: float, block_size: int, window: int,
-              interpret: bool) -> tuple[Array, Array, Array]:
+def flash_bwd(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    off,
+    *,
+    mode: str,
+    scale: float,
+    block_size: int,
+    window: int,
+    interpret: bool,
+) -> tuple[Array, Array, Array]:
     """Backward of one branch -> (dq, dk, dv) in the input dtypes."""
     bsz, tq, hq, d = q.shape
     nk, h = k.shape[1], k.shape[2]
@@ -216,15 +247,36 @@ def flash_bwd(q, k, v, o, lse, do, off, *, mode: str, scale: float, block_size: 
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     st = _static(mode, g, scale, block_size, window)
     dq = call(
-        functools.partial(_dq_kernel, **st), (pl.cdiv(tq, FWD_ROWS // g), bsz * h),
-        jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 8, 2, off, q, k, v, do, lse, delta,
+        functools.partial(_dq_kernel, **st),
+        (pl.cdiv(tq, FWD_ROWS // g), bsz * h),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret,
+        8,
+        2,
+        off,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
     )
     q_tiles = pl.cdiv(tq, BWD_ROWS // g)
     splits = 1 if mode == "swa" else max(1, min(64, q_tiles // 128))
     part = jax.ShapeDtypeStruct((splits, bsz, nk, h, d), jnp.float32)
     dk, dv = call(
         functools.partial(_dkv_kernel, splits=splits, **st),
-        (pl.cdiv(nk, BWD_KEYS), bsz * h, splits), (part, part), interpret, 4, 2,
-        off, q, k, v, do, lse, delta,
+        (pl.cdiv(nk, BWD_KEYS), bsz * h, splits),
+        (part, part),
+        interpret,
+        4,
+        2,
+        off,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
     )
     return dq, dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)

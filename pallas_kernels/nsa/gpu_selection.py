@@ -38,7 +38,6 @@ from pallas_kernels.nsa.gpu_common import (
     load_rows,
     load_stat,
     next_pow2,
-    packed_rows,
     store_rows,
     store_stat,
 )
@@ -47,6 +46,7 @@ Array = jax.Array
 
 ITEM = 2048  # CSR entries (tokens) per dk/dv work item
 DKV_ROWS = 64
+WALK_LAUNCH = (4, 3)  # (num_warps, num_stages) of the forward and dq block walks
 
 
 def _token_rows(i: Array, g: int, tq: int, h: Array):
@@ -68,7 +68,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, g, sca
     gp = q.shape[0]
 
     def body(s, carry):
-        acc, m, l = carry
+        acc, m, den = carry
         n = idx_ref[b, i, h, s]
         j0 = n * bs
         k = load_block(k_ref, b, j0, bs, h, tk)
@@ -79,25 +79,27 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, g, sca
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(mask, jnp.exp2(sc - m_new[:, None]), 0.0)
-        l = l * alpha + jnp.sum(p, axis=1)
+        den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, den
 
     init = (
         jnp.zeros((gp, d), jnp.float32),
         jnp.full((gp,), NEG, jnp.float32),
         jnp.zeros((gp,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, count, body, init)
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    store_rows(o_ref, b, tok, head, valid, acc / l_safe[:, None])
-    store_stat(lse_ref, b, tok, head, valid,
-               jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, -jnp.inf))
+    acc, m, den = lax.fori_loop(0, count, body, init)
+    nonempty = den > 0
+    den_safe = jnp.where(nonempty, den, 1.0)
+    store_rows(o_ref, b, tok, head, valid, acc / den_safe[:, None])
+    store_stat(
+        lse_ref, b, tok, head, valid, jnp.where(nonempty, (m + jnp.log2(den_safe)) * LN2, -jnp.inf)
+    )
 
 
-def _dq_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, dl_ref, dq_ref, *, g,
-               scale, bs, count):
+def _dq_kernel(
+    off_ref, q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, dl_ref, dq_ref, *, g, scale, bs, count
+):
     i, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
     tk, h_kv = k_ref.shape[1], k_ref.shape[2]
@@ -125,8 +127,25 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, dl_ref, d
     store_rows(dq_ref, b, tok, head, valid, dq * scale)
 
 
-def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, tok_ref, blk_ref, start_ref,
-                end_ref, dk_ref, dv_ref, *, g, scale, bs):
+def _dkv_kernel(
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    dl_ref,
+    tok_ref,
+    blk_ref,
+    start_ref,
+    end_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    g,
+    scale,
+    bs,
+):
     w, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
     tk, h_kv = k_ref.shape[1], k_ref.shape[2]
@@ -165,15 +184,17 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, tok_ref, 
     dv_ref[b, h, w] = dv
 
 
-def selection_fwd(q, k, v, idx, off, *, scale: float, block_size: int,
-                  interpret: bool) -> tuple[Array, Array]:
+def selection_fwd(
+    q, k, v, idx, off, *, scale: float, block_size: int, interpret: bool
+) -> tuple[Array, Array]:
     """-> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32)."""
     bsz, tq, hq, _ = q.shape
     h = k.shape[2]
-    kern = functools.partial(_fwd_kernel, g=hq // h, scale=scale, bs=block_size,
-                             count=idx.shape[-1])
+    kern = functools.partial(
+        _fwd_kernel, g=hq // h, scale=scale, bs=block_size, count=idx.shape[-1]
+    )
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
-    return call(kern, (tq, bsz * h), out, interpret, 4, 3, off, q, k, v, idx)
+    return call(kern, (tq, bsz * h), out, interpret, *WALK_LAUNCH, off, q, k, v, idx)
 
 
 def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
@@ -187,8 +208,9 @@ def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
     sorted_key, order = lax.sort((key, pos), dimension=2, num_keys=1, is_stable=True)
     tokens = order // s
     search = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side="left")))
-    offsets = search(sorted_key, jnp.broadcast_to(jnp.arange(nb + 1, dtype=jnp.int32),
-                                                  (bsz, h, nb + 1))).astype(jnp.int32)
+    offsets = search(
+        sorted_key, jnp.broadcast_to(jnp.arange(nb + 1, dtype=jnp.int32), (bsz, h, nb + 1))
+    ).astype(jnp.int32)
     counts = offsets[..., 1:] - offsets[..., :-1]
     items = (counts + ITEM - 1) // ITEM
     items_end = jnp.cumsum(items, axis=-1)
@@ -203,12 +225,17 @@ def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
     start = take(offsets, blk_c) + local * ITEM
     end = jnp.minimum(start + ITEM, take(offsets, blk_c + 1))
     zero = jnp.zeros_like(start)
-    return tokens, jnp.where(real, blk, -1), jnp.where(real, start, zero), jnp.where(real, end,
-                                                                                      zero)
+    return (
+        tokens,
+        jnp.where(real, blk, -1),
+        jnp.where(real, start, zero),
+        jnp.where(real, end, zero),
+    )
 
 
-def selection_bwd(q, k, v, idx, o, lse, do, off, *, scale: float, block_size: int,
-                  interpret: bool) -> tuple[Array, Array, Array]:
+def selection_bwd(
+    q, k, v, idx, o, lse, do, off, *, scale: float, block_size: int, interpret: bool
+) -> tuple[Array, Array, Array]:
     """-> (dq, dk, dv) in the input dtypes."""
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
@@ -217,16 +244,40 @@ def selection_bwd(q, k, v, idx, o, lse, do, off, *, scale: float, block_size: in
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     dq = call(
         functools.partial(_dq_kernel, g=g, scale=scale, bs=block_size, count=idx.shape[-1]),
-        (tq, bsz * h), jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 4, 3,
-        off, q, k, v, idx, do, lse, delta,
+        (tq, bsz * h),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret,
+        *WALK_LAUNCH,
+        off,
+        q,
+        k,
+        v,
+        idx,
+        do,
+        lse,
+        delta,
     )
     tokens, blk, start, end = _inverse_index(idx, nb)
     n_items = blk.shape[-1]
     part = jax.ShapeDtypeStruct((bsz, h, n_items, block_size, d), jnp.float32)
     dk_p, dv_p = call(
         functools.partial(_dkv_kernel, g=g, scale=scale, bs=block_size),
-        (n_items, bsz * h), (part, part), interpret, 4, 2,
-        off, q, k, v, do, lse, delta, tokens, blk, start, end,
+        (n_items, bsz * h),
+        (part, part),
+        interpret,
+        4,
+        2,
+        off,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        tokens,
+        blk,
+        start,
+        end,
     )
     seg = jnp.where(blk >= 0, blk, nb)
     b_ix = jnp.arange(bsz)[:, None, None]

@@ -50,8 +50,9 @@ def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
     def tile_body(jt, carry):
         n0 = jt * SCORE_BLOCKS
         n = n0 + jnp.arange(SCORE_BLOCKS, dtype=jnp.int32)
-        kc = plgpu.load(kc_ref.at[b, pl.ds(n0, SCORE_BLOCKS), h, :], mask=(n < nb)[:, None],
-                        other=0.0)
+        kc = plgpu.load(
+            kc_ref.at[b, pl.ds(n0, SCORE_BLOCKS), h, :], mask=(n < nb)[:, None], other=0.0
+        )
         n = n[None, :]
         visible = ((n + 1) * bs - 1 <= t) & valid[:, None]
 
@@ -60,8 +61,7 @@ def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
             q = plgpu.load(q_ref.at[b, tok[:, None], head, dd], mask=valid[:, None], other=0.0)
             lse = plgpu.load(lse_ref.at[b, tok, head], mask=valid, other=0.0)
             s = dot(q, kc, trans_b=True) * scale
-            return imp + jnp.where(visible, jnp.exp(s - jnp.where(visible, lse[:, None], 0.0)),
-                                   0.0)
+            return imp + jnp.where(visible, jnp.exp(s - jnp.where(visible, lse[:, None], 0.0)), 0.0)
 
         imp = lax.fori_loop(0, g, head_body, jnp.zeros((SCORE_TOKENS, SCORE_BLOCKS), jnp.float32))
         forced = (n == 0) | (n == cur - 1) | (n == cur)
@@ -84,8 +84,9 @@ def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs):
     tok = jnp.where(valid, i, tq)
     cur = ((off + i) // bs)[:, None]
     n = jnp.arange(nbp, dtype=jnp.int32)[None, :]
-    imp = plgpu.load(imp_ref.at[b, h, tok[:, None], n], mask=valid[:, None] & (n <= cur) & (n < nb),
-                     other=-1.0)
+    imp = plgpu.load(
+        imp_ref.at[b, h, tok[:, None], n], mask=valid[:, None] & (n <= cur) & (n < nb), other=-1.0
+    )
     sp = next_pow2(s_total)
     slot = jnp.arange(sp, dtype=jnp.int32)[None, :]
 
@@ -104,12 +105,20 @@ def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs):
     a, c = key[:, :, None], key[:, None, :]
     before = (c < a) | ((c == a) & (slot[:, None, :] < slot[:, :, None]))
     rank = jnp.sum(before.astype(jnp.int32), axis=2)
-    plgpu.store(idx_ref.at[b, tok[:, None], h, rank], sel,
-                mask=valid[:, None] & (rank < s_total))
+    plgpu.store(idx_ref.at[b, tok[:, None], h, rank], sel, mask=valid[:, None] & (rank < s_total))
 
 
-def select_blocks(q: Array, kc: Array, lse: Array, off: Array, *, block_size: int,
-                  block_count: int, scale: float, interpret: bool) -> Array:
+def select_blocks(
+    q: Array,
+    kc: Array,
+    lse: Array,
+    off: Array,
+    *,
+    block_size: int,
+    block_count: int,
+    scale: float,
+    interpret: bool,
+) -> Array:
     """int32 [B, Tq, H, S] selected blocks (ascending, -1 padded); no gradient."""
     bsz, tq, hq, _ = q.shape
     nb, h = kc.shape[1], kc.shape[2]
@@ -117,13 +126,26 @@ def select_blocks(q: Array, kc: Array, lse: Array, off: Array, *, block_size: in
     imp = call(
         functools.partial(_score_kernel, g=g, scale=scale, bs=block_size),
         (pl.cdiv(tq, SCORE_TOKENS), bsz * h),
-        jax.ShapeDtypeStruct((bsz, h, tq, nb), jnp.float32), interpret, 4, 2, off, q, kc, lse,
+        jax.ShapeDtypeStruct((bsz, h, tq, nb), jnp.float32),
+        interpret,
+        4,
+        2,
+        off,
+        q,
+        kc,
+        lse,
     )
     nbp = next_pow2(nb)
     rows = max(1, min(16, 8192 // nbp))
     return call(
-        functools.partial(_select_kernel, rows=rows, nbp=nbp, count=min(block_count, nb),
-                          bs=block_size),
+        functools.partial(
+            _select_kernel, rows=rows, nbp=nbp, count=min(block_count, nb), bs=block_size
+        ),
         (pl.cdiv(tq, rows), bsz * h),
-        jax.ShapeDtypeStruct((bsz, tq, h, block_count), jnp.int32), interpret, 4, 1, off, imp,
+        jax.ShapeDtypeStruct((bsz, tq, h, block_count), jnp.int32),
+        interpret,
+        4,
+        1,
+        off,
+        imp,
     )

@@ -30,9 +30,10 @@ from jax import lax
 Array = jax.Array
 Offset = int | Array
 
-# Queries per chunk. Selection gathers S*BS keys per query and KV head, so its chunks are smaller.
+# Queries per chunk. Selection gathers S*BS keys and values per query and KV head; its chunks are
+# small so that the gathered blocks stay in cache (measured fastest on CPU).
 CHUNK_SIZE = 256
-SELECTION_CHUNK_SIZE = 32
+SELECTION_CHUNK_SIZE = 8
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

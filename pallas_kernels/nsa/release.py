@@ -206,7 +206,7 @@ def select_blocks(
         cur = jnp.broadcast_to(cur, importance.shape[:-1])
         return bitonic_topk(importance, cur, num_selected=num_selected, chunk_size=block_size)
 
-    return _map_query_chunks(chunk, 0, reference.SELECTION_CHUNK_SIZE, qs, lse_used)
+    return _map_query_chunks(chunk, 0, reference.CHUNK_SIZE, qs, lse_used)
 
 
 @functools.partial(

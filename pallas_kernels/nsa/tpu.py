@@ -21,7 +21,13 @@ Lowering: every kernel (forward and backward, f32 and bf16) exports for platform
 lowering rejected on the way, kept here as notes: `jnp` floor division of scalars lowers through
 `sign`, which asks for the TPU generation and fails on a CPU host ("Unsupported TPU device kind:
 cpu"), hence `lax.div` on non-negative scalars; and a 1-D SMEM block of the union list fails the
-last-two-dims rule, hence the [.., 1, U] list layout.
+last-two-dims rule, hence the [.., 1, U] list layout. The export runs the Pallas-to-Mosaic
+lowering only; Mosaic's own passes (layout inference, vector relayouts, VMEM allocation) run when a
+TPU compiles the module, so problems of that stage would first show on a TPU.
+
+Limits: the forward kernels keep a whole K/V head in VMEM (64 MiB at 128K, bf16, D = 128): fine on
+v5e / v6e, too large for v5p beyond ~96K (needs a key-range split with an lse merge). The selection
+cost grows with the union of a query tile's blocks (`tpu_attention` docstring).
 """
 
 from __future__ import annotations

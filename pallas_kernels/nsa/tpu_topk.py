@@ -6,11 +6,15 @@ blocks 0, cur-1, cur (cur = t // BS) are forced to G; blocks n > cur are invalid
 
 Kernel `select_blocks`: grid (B, H, nqt), "parallel" everywhere. A step owns the M = TQ*G rows of
 TQ tokens (same layout as `tpu_attention`). The whole compressed key head kc [NBp, D] sits in VMEM.
-For each key chunk of KC = min(128, NBp) compressed blocks up to the tile's last current block, it
-recomputes s = q kc^T [M, KC] (MXU), p = exp(s - lse), and sums the G rows of each token with a 0/1
-matmul Esum[TQ, M] @ p (fp32, HIGHEST precision), into an fp32 importance scratch [TQ, NBp]. Top-S
-without a sort: S rounds of (row max, lowest lane holding it, knock it out), S lane-reductions
-over [TQ, NBp]; a lower block index wins ties, as in the reference. Slots whose pick is invalid are
+For each chunk of KC = min(128, NBp) compressed blocks up to the chunk of the tile's last current
+block, it recomputes s = q kc^T [M, KC] (MXU), p = exp(s - lse), and sums the G rows of each token
+with a 0/1 matmul Esum[TQ, M] @ p (fp32, HIGHEST precision) into an fp32 importance scratch
+[NBp / KC, TQ, KC] (chunk index leading, so dynamic chunk loops index a leading dim).
+
+Top-S without a sort or knock-out writes: round r picks, per token, the largest (importance,
+-index) strictly below round r-1's pick. A round is one pass over the visible chunks keeping an
+elementwise running (best value, lowest index) per lane column, then one lane reduction of a
+[TQ, KC] tile; a lower block index wins ties, as in the reference. Slots whose pick is invalid are
 -1. The output [TQ, S] is in pick order (importance descending); `tpu.py` sorts it only when the
 caller asks for the indices.
 
@@ -18,9 +22,10 @@ VMEM at T = 128K (NB = 2048, D = 128, bf16, TQ = 32, G = 7): kc 512 KiB, importa
 lse tiles < 200 KiB: < 2 MiB on v5e / v5p / v6e.
 Roofline at T = 128K, HQ = 28, H = 4: scoring recomputes the compression scores, 0.96 TFLOP
 (causal), plus the Esum matmul (TQ / D = 1/4 of that): 6.1 / 2.6 / 1.3 ms on v5e / v5p / v6e.
-The top-S rounds are VPU/XLU work: S * 3 passes over [TQ, NBp] per tile = 64 vregs * 3 * 32 per
-tile, 16K tiles -> ~1e8 vreg ops, ~30-70 ms on one v5e core: the bottleneck at 128K. Restricting
-the rounds to the causal prefix (half on average) or a radix threshold select are the next steps.
+The S = 32 rounds are VPU work: ~8 visible chunks on average x 4 vregs x ~7 ops + one [32, 128]
+lane reduction per round, ~8K vreg ops per tile, 16K tiles -> ~1.3e8 vreg ops: roughly 30 ms on a
+v5e core (at ~4 vector ops per cycle, ~1 GHz; not measured), comparable to the selection kernel at
+128K; a radix (bit-threshold) select over the same chunks would need ~16 rounds instead of S.
 Bytes: q 0.9 GB + lse + idx (64 MB): ~1.1 / 0.4 / 0.7 ms.
 
 `union_lists` (plain XLA, sorts): for each query tile the ascending distinct blocks selected by
@@ -67,7 +72,8 @@ def _token_blocks(plan: TopkPlan, t_first: Array) -> Array:
 
 
 def _topk_kernel(plan: TopkPlan, off_ref, q_ref, kc_ref, lse_ref, idx_ref, imp_ref):
-    tq, kc_rows, nbp = plan.q_tile, plan.key_tile, imp_ref.shape[1]
+    tq, kc_rows = plan.q_tile, plan.key_tile
+    nbp = imp_ref.shape[0] * kc_rows
     t_first = off_ref[0] + pl.program_id(2) * tq
     pos = t_first + row_tokens(plan.rows, plan.group)  # [M, 1]
     cur = _token_blocks(plan, t_first)  # [TQ, 1]
@@ -78,47 +84,60 @@ def _topk_kernel(plan: TopkPlan, off_ref, q_ref, kc_ref, lse_ref, idx_ref, imp_r
     cur_max = lax.div(t_first + tq - 1, plan.block_size)
     last_chunk = lax.div(jnp.minimum(cur_max, plan.num_blocks - 1), kc_rows)
 
-    imp_ref[...] = jnp.full(imp_ref.shape, -1.0, jnp.float32)
-    for j in range(nbp // kc_rows):
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    lane = lax.broadcasted_iota(jnp.int32, (1, kc_rows), 1)
 
-        @pl.when(j <= last_chunk)
-        def _score(j=j):
-            n = j * kc_rows + lax.broadcasted_iota(jnp.int32, (1, kc_rows), 1)
-            kc = kc_ref[j * kc_rows : (j + 1) * kc_rows, :]
-            precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-            s = lax.dot_general(
-                q,
-                kc,
-                (((1,), (1,)), ((), ())),
-                preferred_element_type=jnp.float32,
-                precision=precision,
-            )
-            visible = (n + 1) * plan.block_size - 1 <= pos
-            p = jnp.where(visible, jnp.exp(s * plan.scale - lse), 0.0)
-            imp = lax.dot_general(
-                esum,
-                p,
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-                precision=lax.Precision.HIGHEST,
-            )
-            forced = (n == 0) | (n == cur - 1) | (n == cur)
-            imp = jnp.where(forced, float(plan.group), imp)
-            imp = jnp.where((n <= cur) & (n < plan.num_blocks), imp, -1.0)
-            imp_ref[:, j * kc_rows : (j + 1) * kc_rows] = imp
+    def score(j, carry):
+        n = j * kc_rows + lane
+        kc = kc_ref[pl.ds(pl.multiple_of(j * kc_rows, kc_rows), kc_rows), :]
+        s = lax.dot_general(
+            q,
+            kc,
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+            precision=precision,
+        )
+        visible = (n + 1) * plan.block_size - 1 <= pos
+        p = jnp.where(visible, jnp.exp(s * plan.scale - lse), 0.0)
+        imp = lax.dot_general(
+            esum,
+            p,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST,
+        )
+        forced = (n == 0) | (n == cur - 1) | (n == cur)
+        imp = jnp.where(forced, float(plan.group), imp)
+        imp_ref[j] = jnp.where((n <= cur) & (n < plan.num_blocks), imp, -1.0)
+        return carry
 
-    lanes = lax.broadcasted_iota(jnp.int32, (tq, nbp), 1)
+    lax.fori_loop(0, last_chunk + 1, score, 0)
     slots = lax.broadcasted_iota(jnp.int32, (tq, plan.block_count), 1)
 
-    def pick(j, idx):
-        imp = imp_ref[...]
-        best = jnp.max(imp, axis=1, keepdims=True)
-        at = jnp.min(jnp.where(imp == best, lanes, nbp), axis=1, keepdims=True)
-        imp_ref[...] = jnp.where(lanes == at, -2.0, imp)
-        return jnp.where(slots == j, jnp.where(best >= 0.0, at, -1), idx)
+    def pick(slot, carry):
+        # The next pick is the largest (value, -index) strictly below the previous pick's.
+        idx, prev_v, prev_n = carry
 
-    idx0 = jnp.full((tq, plan.block_count), -1, jnp.int32)
-    idx_ref[...] = lax.fori_loop(0, min(plan.block_count, plan.num_blocks), pick, idx0)
+        def chunk_best(j, best):
+            best_v, best_n = best
+            v, n = imp_ref[j], j * kc_rows + lane
+            v = jnp.where((v < prev_v) | ((v == prev_v) & (n > prev_n)), v, -3.0)
+            better = v > best_v  # strict: an earlier chunk (lower index) keeps ties
+            return jnp.where(better, v, best_v), jnp.where(better, n, best_n)
+
+        init = (jnp.full((tq, kc_rows), -3.0, jnp.float32), jnp.full((tq, kc_rows), nbp))
+        best_v, best_n = lax.fori_loop(0, last_chunk + 1, chunk_best, init)
+        v = jnp.max(best_v, axis=1, keepdims=True)
+        n = jnp.min(jnp.where(best_v == v, best_n, nbp), axis=1, keepdims=True)
+        idx = jnp.where(slots == slot, jnp.where(v >= 0.0, n, -1), idx)
+        return idx, v, n
+
+    init = (
+        jnp.full((tq, plan.block_count), -1, jnp.int32),
+        jnp.full((tq, 1), jnp.inf, jnp.float32),
+        jnp.full((tq, 1), -1, jnp.int32),
+    )
+    idx_ref[...] = lax.fori_loop(0, min(plan.block_count, plan.num_blocks), pick, init)[0]
 
 
 def select_blocks(
@@ -149,7 +168,9 @@ def select_blocks(
             pl.BlockSpec((None, None, plan.rows, 1), qmap),
         ],
         out_specs=pl.BlockSpec((None, None, plan.q_tile, plan.block_count), qmap),
-        scratch_shapes=[pltpu.VMEM((plan.q_tile, nbp), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((nbp // plan.key_tile, plan.q_tile, plan.key_tile), jnp.float32)
+        ],
     )
     return pl.pallas_call(
         functools.partial(_topk_kernel, plan),

@@ -96,6 +96,9 @@ class Qwen2_5_VL(nnx.Module):
         second_per_grid_ts=None,
         *,
         num_patches: int | None = None,
+        num_windows: int | None = None,
+        num_slices: int | None = None,
+        slice_len: int | None = None,
         num_text_rows: int | None = None,
     ) -> ModelInputs:
         """Computes positions, the vision layout and the vision scatter targets (numpy).
@@ -107,6 +110,8 @@ class Qwen2_5_VL(nnx.Module):
             pixel_values_videos, video_grid_thw: the same for videos.
             second_per_grid_ts: [n_vid] seconds per temporal grid step (default 1.0).
             num_patches: pad the patch rows to this many (fixed shapes for jit); default: none.
+            num_windows, num_slices, slice_len: pad the ViT attention groups likewise (see
+                `vision.prepare_vision_layout`).
             num_text_rows: VideoNSA kinds: size of `text_rows` (fixed shapes for jit); default: a
                 bucket of the text row count for inputs with images/videos, None without.
         """
@@ -166,7 +171,14 @@ class Qwen2_5_VL(nnx.Module):
         rows = np.pad(rows, ((0, n - rows.shape[0]), (0, 0)))
         targets = np.concatenate(targets).astype(np.int32)
         targets = np.pad(targets, (0, n // merge - targets.size), constant_values=ids.size)
-        layout = vision.prepare_vision_layout(grid_thw, cfg.vision, num_patches=num_patches)
+        layout = vision.prepare_vision_layout(
+            grid_thw,
+            cfg.vision,
+            num_patches=num_patches,
+            num_windows=num_windows,
+            num_slices=num_slices,
+            slice_len=slice_len,
+        )
         return inputs._replace(pixel_rows=rows, vision_layout=layout, vision_targets=targets)
 
     # -- device side -----------------------------------------------------------------------------

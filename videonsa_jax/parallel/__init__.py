@@ -4,7 +4,6 @@ from videonsa_jax.parallel.mesh import MESH_AXES, create_mesh, maybe_initialize_
 from videonsa_jax.parallel.rules import (
     batch_sharding,
     logical_to_spec,
-    process_batch_shard,
     state_shardings,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "create_mesh",
     "logical_to_spec",
     "maybe_initialize_distributed",
-    "process_batch_shard",
     "state_shardings",
 ]

@@ -84,20 +84,3 @@ def batch_sharding(
 ) -> NamedSharding:
     """The sharding of one input array whose axes have the given logical names."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh, shape))
-
-
-def process_batch_shard(sharding: NamedSharding, global_shape: Sequence[int]) -> tuple[int, int]:
-    """(shard index, shard count) of the batch rows this process must load.
-
-    Processes whose devices hold the same rows (e.g. a `context` axis across hosts) get the same
-    index and load the same rows; single-process runs get (0, 1).
-    """
-    rows = {
-        (idx[0].start or 0, global_shape[0] if idx[0].stop is None else idx[0].stop)
-        for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values()
-    }
-    start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
-    size = stop - start
-    if global_shape[0] % size or start % size:
-        raise ValueError(f"process rows [{start}, {stop}) do not tile a batch of {global_shape[0]}")
-    return start // size, global_shape[0] // size

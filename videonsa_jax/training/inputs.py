@@ -27,6 +27,7 @@ _BATCH_AXES = {
     "loss_mask": ("batch", "length"),
     "positions": (None, "batch", "length"),
     "rope_deltas": ("batch",),
+    "text_rows": ("batch", None),
 }
 
 
@@ -46,8 +47,17 @@ def model_batch(model, batch: Mapping[str, Any], num_patches: int) -> dict[str, 
     return {"inputs": inputs, "loss_mask": np.asarray(batch["loss_mask"], bool)}
 
 
-def stack(micro_batches: Sequence[Any]) -> Any:
-    """Stacks micro-batches (pytrees of numpy arrays with equal shapes) on a new leading axis."""
+def stack(micro_batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks micro-batches (`model_batch` outputs) on a new leading axis.
+
+    The VideoNSA text-row lists (padded with L) are padded to the longest one; every other array
+    must have the same shape in all micro-batches.
+    """
+    widths = {
+        m["inputs"].text_rows.shape[1] for m in micro_batches if m["inputs"].text_rows is not None
+    }
+    if len(widths) > 1:
+        micro_batches = [_pad_text_rows(m, max(widths)) for m in micro_batches]
     shapes = [jax.tree.map(np.shape, m) for m in micro_batches]
     if any(s != shapes[0] for s in shapes[1:]):
         raise ValueError(
@@ -55,6 +65,13 @@ def stack(micro_batches: Sequence[Any]) -> Any:
             f"buckets) and data.num_patches: {shapes}"
         )
     return jax.tree.map(lambda *xs: np.stack(xs), *micro_batches)
+
+
+def _pad_text_rows(micro: dict[str, Any], width: int) -> dict[str, Any]:
+    rows = micro["inputs"].text_rows
+    length = micro["inputs"].input_ids.shape[1]
+    rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=length)
+    return {**micro, "inputs": micro["inputs"]._replace(text_rows=rows)}
 
 
 def shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Rules, leading: int = 0) -> Any:

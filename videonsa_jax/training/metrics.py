@@ -72,34 +72,37 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Step timing, tokens/s and a one-line progress report with ETA.
 
-    The first measured step includes compilation, so the ETA uses the mean time of later steps.
+    `step_time` spans one step (data, host preparation, device step; not eval or checkpoints).
+    The ETA extrapolates the wall time per step since the first step (which includes compilation),
+    evaluations and checkpoints included.
     """
 
     def __init__(self, first_step: int, num_steps: int):
         self.num_steps = num_steps
         self._start = time.perf_counter()
-        self._last = self._start
         self._first_step = first_step
-        self._timed_steps = 0
-        self._timed_secs = 0.0
+        self._step_start = self._steady_start = self._start
 
-    def tick(self, step: int, tokens: int) -> dict[str, float]:
-        """Call after step `step` finished on the device; returns step time and tokens/s."""
+    def start_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def end_step(self, step: int, tokens: int) -> dict[str, float]:
+        """Call once step `step` finished on the device; returns step time and tokens/s."""
         now = time.perf_counter()
-        secs, self._last = now - self._last, now
-        if step > self._first_step + 1:
-            self._timed_steps += 1
-            self._timed_secs += secs
+        secs = now - self._step_start
+        if step == self._first_step + 1:
+            self._steady_start = now
         return {"step_time": secs, "tokens_per_sec": tokens / max(secs, 1e-9)}
 
     def line(self, step: int, scalars: Mapping[str, float]) -> str:
         """`step 120/400 (30%) | loss 1.234 | ... | 12.3 s elapsed | ETA 4m10s`."""
-        mean = self._timed_secs / self._timed_steps if self._timed_steps else None
-        eta = format_duration(mean * (self.num_steps - step)) if mean else "?"
+        now, done = time.perf_counter(), step - self._first_step - 1
+        per_step = (now - self._steady_start) / done if done > 0 else None
+        eta = format_duration(per_step * (self.num_steps - step)) if per_step else "?"
         parts = [f"step {step}/{self.num_steps} ({100 * step // max(self.num_steps, 1)}%)"]
         for name, value in scalars.items():
             parts.append(f"{name} {value:.4g}")
-        parts.append(f"{format_duration(time.perf_counter() - self._start)} elapsed")
+        parts.append(f"{format_duration(now - self._start)} elapsed")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
 
