@@ -115,14 +115,14 @@ def test_kill9_then_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_pat
 
 
 class _Toy(nnx.Module):
-    def __init__(self):
-        self.a = Linear(4, 8, use_bias=True, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    def __init__(self, width=8):
+        self.a = Linear(4, width, use_bias=True, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
 
 
-def _toy_state(seed):
+def _toy_state(seed, width=8):
     tx = optax.adamw(1e-3)
-    params = jax.tree.map(lambda x: x + seed, nnx.state(_Toy(), nnx.Param))
-    abstract_model = nnx.eval_shape(_Toy)
+    params = jax.tree.map(lambda x: x + seed, nnx.state(_Toy(width), nnx.Param))
+    abstract_model = nnx.eval_shape(lambda: _Toy(width))
     mesh = create_mesh({"data": -1})
     rules = (("embed", None), ("mlp", None))
     _, abstract, shardings = state_lib.abstract_state(abstract_model, tx, mesh, rules)
@@ -161,6 +161,11 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "2")
+
+    # A state of another shape (another config) restores from nothing and moves nothing.
+    with pytest.raises(checkpointing.CheckpointError, match="config match"):
+        checkpointer.restore_latest(_toy_state(0, width=16)[1], data)
+    assert os.listdir(directory) == ["1"]
 
     # Step 2 can be saved again, and restores.
     checkpointer.save(2, states[2], data)

@@ -136,16 +136,20 @@ def test_bad_checkpoint(tiny, tmp_path, edit, message):
         from_pretrained(tmp_path / "bad", dtype=jnp.float32)
 
 
-def test_optional_tensor_is_initialised(tiny, tmp_path, monkeypatch, caplog):
-    """Tensors matching OPTIONAL_KEYS (the VideoNSA gates) may be absent: fresh init + notice."""
+def test_optional_tensors(tiny, tmp_path, monkeypatch, caplog):
+    """Tensors matching OPTIONAL_KEYS (the VideoNSA gates) may be absent (fresh init) or present
+    without a model leaf (skipped), each with a notice."""
     path, _ = tiny
     _rewrite(path, tmp_path / "no_head", lambda t: t.pop("lm_head.weight"))
+    _rewrite(path, tmp_path / "extra", _extra)
     with pytest.raises(CheckpointError, match="missing tensor lm_head.weight"):
         from_pretrained(tmp_path / "no_head", dtype=jnp.float32)
-    monkeypatch.setattr(hf, "OPTIONAL_KEYS", (r"^lm_head\.",))
+    monkeypatch.setattr(hf, "OPTIONAL_KEYS", (r"^lm_head\.", r"\.extra\."))
     with caplog.at_level(logging.WARNING):
         model = from_pretrained(tmp_path / "no_head", dtype=jnp.float32)
+        from_pretrained(tmp_path / "extra", dtype=jnp.float32)
     assert "lm_head.weight absent" in caplog.text
+    assert "model.layers.0.self_attn.extra.weight is not used by this model" in caplog.text
     head = np.asarray(model.lm_head.kernel[...])
     assert head.shape == (64, H.VOCAB) and 0.01 < head.std() < 0.03
 

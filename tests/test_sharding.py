@@ -29,6 +29,7 @@ def _tiny_setup():
     spec.loader.exec_module(module)
     config = module.get_config()  # VideoNSA
     config.model.dtype = "float32"
+    config.model.vision.update(depth=1, fullatt_block_indexes=(0,))  # faster to compile
     model_config = configs.model_config(config, IDS)
     return config, model_config
 

@@ -314,3 +314,96 @@ def test_model_invariants(kind):
     step = decode_inputs(jnp.asarray(ids[:, -1:]), cache, jnp.asarray(prefill.rope_deltas))
     decode_logits, _ = _cached(graphdef, state, step, cache)
     np.testing.assert_allclose(decode_logits[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+# -- (d) checkpoints -----------------------------------------------------------------------------
+
+
+def _params(model) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_gate_checkpoints_both_layouts(tmp_path):
+    model = _tiny_model("videonsa", seed=1)
+    save_pretrained(model, tmp_path / "hub")
+    tensors = safetensors.numpy.load_file(tmp_path / "hub" / "model.safetensors")
+    assert tensors["model.layers.1.self_attn.g_proj_1.weight"].shape == (64, 64)
+    assert tensors["model.layers.1.self_attn.g_proj_2.bias"].shape == (12,)
+    np.testing.assert_array_equal(
+        tensors["model.layers.0.self_attn.g_proj_2.weight"],
+        np.asarray(model.text.layers.self_attn.g_proj_2.kernel[...])[0].T,
+    )
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    renamed = {
+        "model.language_model." + k[len("model.") :]
+        if k.startswith("model.")
+        else ("model." + k if k.startswith("visual.") else k): v
+        for k, v in tensors.items()
+    }
+    assert "model.language_model.layers.0.self_attn.g_proj_1.weight" in renamed
+    safetensors.numpy.save_file(renamed, new / "model.safetensors", metadata={"format": "pt"})
+    want = _params(model)
+    for path in (tmp_path / "hub", new):
+        loaded = from_pretrained(path, dtype=jnp.float32)
+        assert loaded.config.attention == model.config.attention
+        got = _params(loaded)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+
+
+def test_qwen_checkpoint_gets_fresh_gates_and_budget_override(tmp_path, caplog):
+    H.save_tiny(tmp_path)
+    dense = from_pretrained(tmp_path, dtype=jnp.float32)
+    with caplog.at_level(logging.WARNING, logger="videonsa_jax.checkpoints.hf"):
+        model = from_pretrained(
+            tmp_path, dtype=jnp.float32, attention="videonsa", block_count=7, window_size=48
+        )
+    notices = [r for r in caplog.records if "absent from the checkpoint" in r.getMessage()]
+    assert len(notices) == 1 and "g_proj_1.weight" in notices[0].getMessage()
+    a = model.config.attention
+    assert (a.kind, a.block_count, a.window_size, a.block_size) == ("videonsa", 7, 48, 64)
+    attn = model.text.layers.self_attn
+    for lin in (attn.g_proj_1, attn.g_proj_2):
+        assert 0.015 < float(jnp.std(lin.kernel[...])) < 0.025
+        assert not np.asarray(lin.bias[...]).any()
+    dense_params = _params(dense)
+    for key, value in _params(model).items():
+        if "g_proj" not in str(key):
+            np.testing.assert_array_equal(value, dense_params[key], err_msg=str(key))
+    release = from_pretrained(tmp_path, dtype=jnp.float32, attention="videonsa_release")
+    assert release.config.rope_time_rule == "int"
+
+
+# -- (e) a >= 4K-token video: forward and gradient on CPU ----------------------------------------
+
+
+def test_long_video_forward_and_grad():
+    """4096 video tokens + prompt through a tiny VideoNSA model, with the released budget."""
+    model = _tiny_model("videonsa", block_size=64, block_count=32, window_size=256)
+    rng = np.random.default_rng(0)
+    ids, vision = _video_prompt(rng, grid=(16, 32, 32), n_prefix=20, n_suffix=30)
+    inputs = model.prepare_inputs(ids, **vision)
+    assert ids.shape[1] >= 4096 + 50 and inputs.text_rows.shape == (1, 64)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def loss_and_grad(params):
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest)
+            logits = m.forward(inputs)[:, :-1]
+            nll = -jnp.take_along_axis(
+                jax.nn.log_softmax(logits), jnp.asarray(ids)[:, 1:, None], axis=-1
+            )
+            return jnp.mean(nll)
+
+        return jax.value_and_grad(loss)(params)
+
+    value, grads = loss_and_grad(params)
+    assert np.isfinite(float(value))
+    leaves = {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    assert all(np.isfinite(g).all() for g in leaves.values())
+    for name in ("g_proj_1", "g_proj_2", "q_proj", "patch_embed"):
+        assert any(name in k and np.abs(g).max() > 0 for k, g in leaves.items()), name

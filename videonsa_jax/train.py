@@ -201,7 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
         save_every=config.train.save_every,
         keep=config.train.keep_checkpoints,
     )
-    restored = checkpointer.restore_latest(abstract, train_iter)
+    try:
+        restored = checkpointer.restore_latest(abstract, train_iter)
+    except checkpointing.CheckpointError as e:
+        raise TrainingError(str(e)) from None
     if restored is not None:
         state, start = restored
     else:

@@ -48,7 +48,8 @@ _LAYOUTS = (
 )
 # Ignored when present in a checkpoint.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-# HF names that may be absent: the leaf keeps its fresh initialisation (with a logged notice).
+# HF names that may be absent (the leaf keeps its fresh initialisation) or present without a
+# model leaf (skipped, e.g. VideoNSA gates loaded with attention="dense"); both logged.
 OPTIONAL_KEYS: tuple[str, ...] = (r"\.self_attn\.g_proj_\d\.",)
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -231,6 +232,9 @@ def _check(path: str, flat, files: dict, config: ModelConfig) -> set[Path]:
     tied_head = config.text.tie_word_embeddings and "lm_head.weight" in files
     for name in sorted(set(files) - expected - ({"lm_head.weight"} if tied_head else set())):
         handle, key = files[name]
+        if any(re.search(pattern, name) for pattern in OPTIONAL_KEYS):
+            logger.warning("%s: %s is not used by this model; skipped", path, key)
+            continue
         shape = tuple(handle.get_slice(key).get_shape())
         problems.append(f"unexpected tensor {key} (checkpoint shape {shape}, not in the model)")
     if problems:

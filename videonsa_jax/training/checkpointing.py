@@ -5,7 +5,8 @@ optimizer state, step, non-finite counter; sharded arrays written by every proce
 grain iterator state, one JSON file per process). Saves are asynchronous: the device arrays are
 copied and written in a background thread while training goes on. `restore_latest` walks back
 from the newest step: a checkpoint that fails to restore is moved to `<workdir>/corrupt_checkpoints`
-with a warning (so later saves of that step do not collide) and the previous one is tried.
+with a warning (so later saves of that step do not collide) and the previous one is tried; if none
+restores, the run stops rather than silently starting over.
 Interrupted saves leave only temporary directories, which orbax ignores and cleans up.
 """
 
@@ -21,6 +22,10 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored."""
 
 
 class DataIterator(Protocol):
@@ -98,9 +103,14 @@ class Checkpointer:
     ) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
-        Returns (state, step), or None when there is no checkpoint. The iterator is moved to the
-        saved position.
+        Returns (state, step), or None when there is no checkpoint; the iterator is moved to the
+        saved position. Newer steps that failed are set aside only once an older one restores
+        (so they are damaged, not from another config).
+
+        Raises:
+            CheckpointError: checkpoints exist but none restores (e.g. the model config changed).
         """
+        failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 restored = self._manager.restore(
@@ -111,19 +121,27 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable.
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 logging.warning(
-                    "checkpoint: step %d in %s cannot be restored (%s: %s); falling back to the "
+                    "checkpoint: step %d in %s cannot be restored (%s); falling back to the "
                     "previous checkpoint",
                     step,
                     self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
+                    reason,
                 )
-                self._set_aside(step)
+                failed.append((step, reason))
                 continue
+            for bad, _ in failed:
+                self._set_aside(bad)
             data_iter.set_state(restored.data.state)
             logging.info("checkpoint: restored step %d from %s", step, self.directory)
             return restored.state, step
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored into this run's state "
+                f"(does the config match the one that wrote them?); newest: step {failed[0][0]}: "
+                f"{failed[0][1]}"
+            )
         return None
 
     def _set_aside(self, step: int) -> None:
