@@ -73,3 +73,39 @@ def test_gpu_bf16_against_reference():
     ro, _ = reference.nsa_reference(q, k, v, *gates, return_block_indices=True, **kw)
     assert _rel(o, ro) < 1e-2
     assert idx.shape == (1, 1500, 2, 16)
+
+
+@cpu_only
+@pytest.mark.parametrize("g", [1, 5, 7, 8])
+def test_selection_forward_chunks(g):
+    """KV-block-major selection forward over several query chunks (last one padded) vs reference."""
+    from pallas_kernels.nsa import gpu_selection
+
+    q, k, v, _ = _inputs(21, 45, 2, g, 16, seed=g)
+    scale = 0.25
+    kc = reference.mean_pool(k, 8)
+    _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=scale, q_offset=24)
+    idx = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=scale, q_offset=24)
+    off = jnp.full((1,), 24, jnp.int32)
+    o, _ = gpu_selection.selection_fwd(
+        q, k, v, idx, off, scale=scale, block_size=8, interpret=True, chunk=8
+    )
+    ro = reference.selection_attention(q, k, v, idx, block_size=8, scale=scale, q_offset=24)
+    assert _rel(o, ro) < 1e-5
+
+
+@cpu_only
+@pytest.mark.parametrize("g", [1, 7])
+def test_top_k_exact_ties(g):
+    """Equal importances (zero compressed keys): ties go to the lowest block index, like top_k."""
+    from pallas_kernels.nsa.gpu_topk import select_blocks
+
+    q, k, _, _ = _inputs(70, 70, 1, g, 16, seed=5)
+    kc = jnp.zeros_like(reference.mean_pool(k, 8))
+    _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=0.25)
+    want = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=0.25)
+    got = select_blocks(
+        q, kc, lse, jnp.zeros((1,), jnp.int32), block_size=8, block_count=4, scale=0.25,
+        interpret=True,
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
