@@ -255,7 +255,7 @@ def print_tables(rows: list[str], split_rows: list[str]) -> None:
 
 
 def sweep(t: int) -> None:
-    """Launch-parameter sweep of the selection walk and the backward's parts at one length."""
+    """Chunk/launch sweep of the selection forward and the inverse index's time at one length."""
     q, k, v, _, do = inputs(t, jnp.bfloat16)
     off = jnp.zeros((1,), jnp.int32)
     kc = reference.mean_pool(k, BS)
@@ -269,20 +269,14 @@ def sweep(t: int) -> None:
     )(q, kc, lse, off)
     nb = -(-t // BS)
     inv = jax.jit(functools.partial(gpu_selection._inverse_index, nb=nb))
-    print(f"sweep T={t}: inverse index (sort) {bench(inv, idx):.2f} ms", flush=True)
-    for launch in ((4, 2), (4, 3), (4, 4), (8, 3), (2, 3), (2, 4)):
-        gpu_selection.WALK_LAUNCH = launch
-        f = jax.jit(
-            functools.partial(
-                gpu_selection.selection_fwd, scale=SCALE, block_size=BS, interpret=False
-            )
-        )
-        try:
-            ms = bench(f, q, k, v, idx, off)
-            print(f"sweep T={t}: selection fwd warps/stages {launch}: {ms:.2f} ms", flush=True)
-        except Exception as e:
-            print(f"sweep {launch} failed {e!r}"[:300], flush=True)
-    gpu_selection.WALK_LAUNCH = (4, 3)
+    print(f"sweep T={t}: inverse index (flat sort) {bench(inv, idx):.2f} ms", flush=True)
+    sl = dict(scale=SCALE, block_size=BS, interpret=False)
+    for chunk, launch in ((16384, (4, 3)), (8192, (4, 3)), (16384, (4, 2))):
+        gpu_selection.FWD_LAUNCH = launch
+        f = jax.jit(functools.partial(gpu_selection.selection_fwd, chunk=chunk, **sl))
+        ms = bench(f, q, k, v, idx, off)
+        print(f"sweep T={t}: selection fwd chunk {chunk} warps/stages {launch}: {ms:.2f} ms")
+    gpu_selection.FWD_LAUNCH = (4, 3)
 
 
 def main() -> None:

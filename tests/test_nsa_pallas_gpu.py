@@ -76,9 +76,11 @@ def test_gpu_bf16_against_reference():
 
 
 @cpu_only
-@pytest.mark.parametrize("g", [1, 5, 7, 8])
-def test_selection_forward_chunks(g):
-    """KV-block-major selection forward over several query chunks (last one padded) vs reference."""
+def test_selection_forward_chunks(g=5):
+    """KV-block-major selection forward over several query chunks (last one padded) vs reference.
+
+    (Single-chunk runs, values and gradients, are covered at G = 1, 5, 7, 8 by the tests above.)
+    """
     from pallas_kernels.nsa import gpu_selection
 
     q, k, v, _ = _inputs(21, 45, 2, g, 16, seed=g)
@@ -95,8 +97,7 @@ def test_selection_forward_chunks(g):
 
 
 @cpu_only
-@pytest.mark.parametrize("g", [1, 7])
-def test_top_k_exact_ties(g):
+def test_top_k_exact_ties(g=7):
     """Equal importances (zero compressed keys): ties go to the lowest block index, like top_k."""
     from pallas_kernels.nsa.gpu_topk import select_blocks
 
@@ -105,7 +106,13 @@ def test_top_k_exact_ties(g):
     _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=0.25)
     want = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=0.25)
     got = select_blocks(
-        q, kc, lse, jnp.zeros((1,), jnp.int32), block_size=8, block_count=4, scale=0.25,
+        q,
+        kc,
+        lse,
+        jnp.zeros((1,), jnp.int32),
+        block_size=8,
+        block_count=4,
+        scale=0.25,
         interpret=True,
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
