@@ -69,6 +69,7 @@ def test_matches_torch_composition(t, d, block_size, block_count, window_size):
         assert selected == [list(range(i // block_size + 1)) for i in range(t)]
 
 
+@pytest.mark.slow  # ~100 s of CPU; the T=600 case above covers multi-chunk merges by default
 def test_topk_above_2048_matches_sorted_importance():
     """Released config (BS 64, S 32) at T = 4200: 66 blocks, two chunks of the bitonic merge."""
     t, d, block_size, block_count = 4200, 16, 64, 32
@@ -122,7 +123,7 @@ def test_bitonic_tie_breaking(cur, expected):
 
 def test_zero_queries_tie_through_full_selection():
     """Zero queries (text rows) give exactly tied past blocks; the selection follows the network."""
-    t, d, block_size = 64 * 64, 8, 64
+    t, d, block_size = 41 * 64, 8, 64
     q = np.zeros((1, t, SLOTS, d), np.float32)
     k = np.random.default_rng(0).standard_normal((1, t, KV_HEADS, d), np.float32)
     kc = ref.mean_pool(k, block_size)
@@ -134,7 +135,6 @@ def test_zero_queries_tie_through_full_selection():
     )
     for row, expected in (
         (40 * 64 + 7, [*range(8, 12), *range(13, 41)]),
-        (63 * 64, list(range(32, 64))),
         (5 * 64 + 1, list(range(6))),
     ):
         for h in range(KV_HEADS):

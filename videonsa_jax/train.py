@@ -15,6 +15,7 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID env vars) initialis
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as std_logging
 import os
 import shutil
@@ -30,7 +31,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from videonsa_jax.data import DataConfig, JsonlSource, make_dataset
+from videonsa_jax.checkpoints import save_pretrained
+from videonsa_jax.data import (
+    DataConfig,
+    JsonlSource,
+    generate_dataset,
+    make_dataset,
+    write_synthetic_tokenizer,
+)
 from videonsa_jax.parallel import create_mesh, maybe_initialize_distributed
 from videonsa_jax.processing import chat
 from videonsa_jax.training import checkpointing, configs, evaluation, metrics
@@ -53,20 +61,27 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, 
     if not s.task:
         return d.train_jsonl, d.eval_jsonl, d.tokenizer or config.model.init_from
     root = os.path.join(workdir, "data")
-    done = os.path.join(root, "READY")
-    if jax.process_index() == 0 and not os.path.exists(done):
-        from videonsa_jax.data import generate_dataset, write_synthetic_tokenizer  # noqa: PLC0415
-
+    marker = os.path.join(root, "READY")
+    spec = json.dumps({**s.to_dict(), "fps": d.fps, "seed": config.seed}, sort_keys=True)
+    if jax.process_index() == 0 and _read(marker) != spec:
         logging.info("generating the synthetic %r task in %s", s.task, root)
         kw = dict(num_frames=s.num_frames, size=s.size, fps=d.fps, progress=False)
         generate_dataset(os.path.join(root, "train"), s.task, s.num_train, seed=config.seed, **kw)
         generate_dataset(os.path.join(root, "eval"), s.task, s.num_eval, seed=config.seed + 1, **kw)
         write_synthetic_tokenizer(root)
-        open(done, "w").close()
+        with open(marker, "w") as f:
+            f.write(spec)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic_data")
     task_file = f"{s.task}.jsonl"
     return os.path.join(root, "train", task_file), os.path.join(root, "eval", task_file), root
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
 
 
 def special_token_ids(tokenizer: chat.Tokenizer) -> dict[str, int]:
@@ -105,8 +120,6 @@ def _install_sigterm_handler() -> dict[str, bool]:
 
 def _export(graphdef, state: step_lib.TrainState, rest, tokenizer_dir: str, path: str) -> None:
     """`save_pretrained` of the trained model, plus the tokenizer files: an HF-format dir."""
-    from videonsa_jax.checkpoints import save_pretrained  # noqa: PLC0415
-
     params = state.params
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
@@ -174,10 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     train_jsonl, eval_jsonl, tokenizer_dir = prepare_data(config, workdir)
     tokenizer = chat.load_tokenizer(tokenizer_dir)
-    if config.model.init_from:
-        model_config = state_lib.pretrained_model_config(config)
-    else:
-        model_config = configs.model_config(config, special_token_ids(tokenizer))
+    model_config = configs.model_config(config, special_token_ids(tokenizer))
     _check_model_config(model_config, tokenizer)
 
     mesh = create_mesh(config.mesh.to_dict())
@@ -222,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
-    eval_step = jax.jit(evaluation.make_eval_step(graphdef))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    eval_step = jax.jit(evaluation.make_eval_step(graphdef), out_shardings=replicated)
     letter_ids = evaluation.letter_token_ids(tokenizer)
     eval_patches = config.eval.batch_size * num_patches // config.data.batch_size
 
@@ -291,7 +302,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad `--config.key=value` override exits with one line, no traceback."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, config_flags.UnsupportedOperationError) as e:
+    except flags.Error as e:  # includes ml_collections' unsupported-override errors
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown key
         lines = [x.strip("'\" ") for x in str(e).replace("\\n", "\n").replace("\\", "").split("\n")]

@@ -81,20 +81,18 @@ def misread_lse(lse: Array) -> Array:
 
 
 def _compare_and_swap(x: Array, ids: Array, flip: Array, i: int, n_dims: int):
-    """fla's `_compare_and_swap` on the last axis (2**n_dims wide), bit for bit.
+    """fla's `_compare_and_swap` along axis 0 (2**n_dims long), bit for bit.
 
     Pairs elements whose positions differ in bit n_dims-i-1; swaps a pair (values and ids) where
-    (left > right) != flip. Left/right are extracted with the kernel's multiply-and-sum and the swap
-    is the kernel's XOR on the bit patterns, so inf/NaN behave as they do on the GPU.
+    (left > right) != flip. Left/right are the kernel's masked sums (a*1 + b*0, a*0 + b*1) and the
+    swap is the kernel's XOR on the bit patterns, so inf/NaN behave as they do on the GPU.
     """
-    shape = (*x.shape[:-1], 2**i, 2, 2 ** (n_dims - i - 1))
-    mask = jnp.arange(2)[:, None]
+    shape = (2**i, 2, 2 ** (n_dims - i - 1), *x.shape[1:])
 
     def halves(y):
         y = y.reshape(shape)
-        left = jnp.broadcast_to(jnp.sum(y * (1 - mask), axis=-2, keepdims=True), shape)
-        right = jnp.broadcast_to(jnp.sum(y * mask, axis=-2, keepdims=True), shape)
-        return left.reshape(x.shape).astype(y.dtype), right.reshape(x.shape).astype(y.dtype)
+        a, b = y[:, 0], y[:, 1]
+        return tuple(jnp.stack([z, z], axis=1).reshape(x.shape) for z in (a * 1 + b * 0, a * 0 + b))
 
     left, right = halves(x)
     left_id, right_id = halves(ids)
@@ -106,9 +104,10 @@ def _compare_and_swap(x: Array, ids: Array, flip: Array, i: int, n_dims: int):
 
 
 def _bitonic_merge(x: Array, ids: Array, stage: int, order: bool | int, n_dims: int):
-    """fla's `_bitonic_merge`; order 2 alternates direction by bit `stage`, False/True: asc/desc."""
+    """fla's `_bitonic_merge` on axis 0; order 2 alternates by bit `stage`, False/True: asc/desc."""
     if order == 2:
         flip = ((jnp.arange(2**n_dims) >> stage) & 1).astype(bool)
+        flip = flip.reshape(-1, *([1] * (x.ndim - 1)))
     else:
         flip = jnp.asarray(bool(order))
     for i in range(stage):
@@ -135,16 +134,19 @@ def bitonic_topk(importance: Array, cur: Array, *, num_selected: int, chunk_size
     nb = importance.shape[-1]
     n_dims = chunk_size.bit_length() - 1
     n_chunks = -(-nb // chunk_size)
+    # Network axis first, then the rows: [n_chunks, BC, ...]; ops then run over contiguous rows.
     importance = jnp.pad(
         importance.astype(jnp.float32),
         [(0, 0)] * (importance.ndim - 1) + [(0, n_chunks * chunk_size - nb)],
     )
-    importance = jnp.moveaxis(importance.reshape(*cur.shape, n_chunks, chunk_size), -2, 0)
-    top_half = jnp.arange(chunk_size) < chunk_size // 2
-    cur = cur[..., None]
+    importance = jnp.moveaxis(
+        importance.reshape(*cur.shape, n_chunks, chunk_size), (-2, -1), (0, 1)
+    )
+    top_half = (jnp.arange(chunk_size) < chunk_size // 2).reshape(-1, *([1] * cur.ndim))
+    lane = jnp.arange(chunk_size).reshape(top_half.shape)
 
     def sort_chunk(c, b_i):
-        blocks = c * chunk_size + jnp.arange(chunk_size)
+        blocks = c * chunk_size + lane
         o_i = jnp.where(blocks <= cur, blocks + 1, 0).astype(jnp.int32)
         for stage in range(1, n_dims):
             b_i, o_i = _bitonic_merge(b_i, o_i, stage, 2, n_dims)
@@ -163,7 +165,7 @@ def bitonic_topk(importance: Array, cur: Array, *, num_selected: int, chunk_size
 
     state = _bitonic_merge(*sort_chunk(0, importance[0]), n_dims, True, n_dims)
     (_, o_i), _ = lax.scan(merge_chunk, state, (jnp.arange(1, n_chunks), importance[1:]))
-    return o_i[..., :num_selected] - 1
+    return jnp.moveaxis(o_i[:num_selected] - 1, 0, -1)
 
 
 def select_blocks(

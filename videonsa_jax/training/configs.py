@@ -120,12 +120,24 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, special_ids: dict[str, int]) -> ModelConfig:
-    """The from-scratch `ModelConfig` of `config.model` (token ids from the tokenizer)."""
+    """The run's `ModelConfig`: `init_from`'s config.json, or `text` / `vision` from scratch.
+
+    The attention fields and remat always come from `config.model`; from scratch, the special
+    token ids come from the tokenizer (`special_ids`).
+    """
     m = config.model
+    attention = m.attention.to_dict()
+    if m.init_from:
+        return ModelConfig.from_json_file(
+            os.path.join(m.init_from, "config.json"),
+            attention=attention.pop("kind"),
+            remat=m.remat,
+            **attention,
+        )
     return ModelConfig(
         text=TextConfig(**m.text.to_dict()),
         vision=VisionConfig(**m.vision.to_dict()),
-        attention=AttentionConfig(**m.attention.to_dict()),
+        attention=AttentionConfig(**attention),
         remat=m.remat,
         **special_ids,
     )

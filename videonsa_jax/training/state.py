@@ -8,7 +8,6 @@ whose outputs are already sharded (from scratch) or places the loaded HF weights
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from videonsa_jax.checkpoints import from_pretrained
 from videonsa_jax.config import ModelConfig
 from videonsa_jax.model.qwen2_5_vl import Qwen2_5_VL
 from videonsa_jax.parallel.rules import Rules, state_shardings
@@ -29,17 +29,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def dtypes(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(compute dtype, parameter dtype) named by `config.model`."""
     return DTYPES[config.model.dtype], DTYPES[config.model.param_dtype]
-
-
-def pretrained_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The `ModelConfig` of `config.model.init_from` with the configured attention and remat."""
-    attention = config.model.attention.to_dict()
-    return ModelConfig.from_json_file(
-        os.path.join(config.model.init_from, "config.json"),
-        attention=attention.pop("kind"),
-        remat=config.model.remat,
-        **attention,
-    )
 
 
 def model_factory(
@@ -57,8 +46,6 @@ def load_pretrained_params(config: ml_collections.ConfigDict, shardings: nnx.Sta
 
     VideoNSA gates absent from the checkpoint keep their fresh initialisation.
     """
-    from videonsa_jax.checkpoints import from_pretrained  # noqa: PLC0415 - heavy, only here.
-
     by_path = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
     attention = config.model.attention.to_dict()
     dtype, param_dtype = dtypes(config)
