@@ -128,7 +128,9 @@ def test_entry_point_dispatch_and_dtype():
     b, t, hq, h, d = 1, 70, 4, 2, 64
     q, k, v, gates = _inputs(b, t, hq, h, d, seed=4)
     kwargs = dict(block_size=16, block_count=4, window_size=32)
-    assert ops.AUTO_IMPL[jax.default_backend()] == "reference"
+    assert ops.AUTO_IMPL["cpu"] == "reference"
+    if jax.default_backend() != "cpu":
+        pytest.skip("impl='auto' runs the kernels off the CPU; their own tests cover them")
     expected = ref.nsa_reference(q, k, v, *gates, **kwargs)
     np.testing.assert_array_equal(nsa(q, k, v, *gates, **kwargs), expected)
     np.testing.assert_array_equal(nsa(q, k, v, *gates, impl="reference", **kwargs), expected)
