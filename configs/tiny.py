@@ -6,7 +6,10 @@ r"""A tiny VideoNSA model trained from scratch on the synthetic needle task (CPU
 The first run writes the needle videos (32 frames of 56 x 56 pixels, 64 video tokens each) and a
 small tokenizer into <workdir>/data. The model answers "what colour is the shape?" with one of 4
 letters (chance: 25%); eval/accuracy on the held-out split is logged every `eval.every` steps.
-The argument picks the attention: "videonsa" (default) or "dense" (the baseline).
+The argument picks the attention: "videonsa" (default) or "dense" (the baseline). On a 2-core CPU
+(shared, busy): 300 steps in ~6-8 minutes, eval accuracy 84% (VideoNSA) / 83% (dense) at the end.
+Model: 2 decoder layers (hidden 64), a 2-block ViT (hidden 32), fp32 compute (bf16 is slow on CPU);
+NSA blocks of 8 tokens, 2 selected blocks, a 16-token window.
 """
 
 from videonsa_jax.training.configs import base_config

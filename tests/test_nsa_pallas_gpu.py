@@ -76,27 +76,6 @@ def test_gpu_bf16_against_reference():
 
 
 @cpu_only
-def test_selection_forward_chunks(g=5):
-    """KV-block-major selection forward over several query chunks (last one padded) vs reference.
-
-    (Single-chunk runs, values and gradients, are covered at G = 1, 5, 7, 8 by the tests above.)
-    """
-    from pallas_kernels.nsa import gpu_selection
-
-    q, k, v, _ = _inputs(21, 45, 2, g, 16, seed=g)
-    scale = 0.25
-    kc = reference.mean_pool(k, 8)
-    _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=scale, q_offset=24)
-    idx = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=scale, q_offset=24)
-    off = jnp.full((1,), 24, jnp.int32)
-    o, _ = gpu_selection.selection_fwd(
-        q, k, v, idx, off, scale=scale, block_size=8, interpret=True, chunk=8
-    )
-    ro = reference.selection_attention(q, k, v, idx, block_size=8, scale=scale, q_offset=24)
-    assert _rel(o, ro) < 1e-5
-
-
-@cpu_only
 def test_top_k_exact_ties(g=7):
     """Equal importances (zero compressed keys): ties go to the lowest block index, like top_k."""
     from pallas_kernels.nsa.gpu_topk import select_blocks
@@ -116,3 +95,37 @@ def test_top_k_exact_ties(g=7):
         interpret=True,
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@cpu_only
+@pytest.mark.parametrize("g,chunk", [(1, 16), (5, 8), (7, 64), (8, 8)])
+def test_selection_chunks_values_and_grads(g, chunk):
+    """KV-block-major selection forward and backward (fused dK/dV + per-slot dq partials).
+
+    21 queries at offset 24 of 45 keys, random cotangents; chunk 8 or 16 splits the queries into
+    several chunks (the last one padded), 64 keeps one. Output and q/k/v grads vs the reference.
+    """
+    from pallas_kernels.nsa import gpu_selection
+
+    q, k, v, _ = _inputs(21, 45, 1, g, 16, seed=10 + g)
+    do = jax.random.normal(jax.random.PRNGKey(g), q.shape)
+    scale = 0.25
+    kc = reference.mean_pool(k, 8)
+    _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=scale, q_offset=24)
+    idx = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=scale, q_offset=24)
+    off = jnp.full((1,), 24, jnp.int32)
+    kw = dict(scale=scale, block_size=8, interpret=True, chunk=chunk)
+
+    @jax.jit
+    def ours(q, k, v):
+        o, lse_s = gpu_selection.selection_fwd(q, k, v, idx, off, **kw)
+        return o, gpu_selection.selection_bwd(q, k, v, idx, o, lse_s, do, off, **kw)
+
+    def ref(q, k, v):
+        return reference.selection_attention(q, k, v, idx, block_size=8, scale=scale, q_offset=24)
+
+    o, grads = ours(q, k, v)
+    ro, vjp = jax.vjp(ref, q, k, v)
+    assert _rel(o, ro) < 1e-5
+    for name, a, b in zip("qkv", grads, vjp(do), strict=True):
+        assert _rel(a, b) < 1e-5, name

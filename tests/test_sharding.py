@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from videonsa_jax.parallel import create_mesh, logical_to_spec
+from videonsa_jax.parallel import context, create_mesh, logical_to_spec
 from videonsa_jax.parallel.mesh import resolve_mesh_shape
 from videonsa_jax.training import configs
 from videonsa_jax.training import inputs as inputs_lib
@@ -69,7 +69,7 @@ def _sgd_step(config, model_config, mesh, host_batch):
     step = step_lib.make_train_step(
         graphdef, tx, state_lib.lm_loss(chunk_size=16), lambda _: 1.0, shardings.params
     )
-    step = jax.jit(step, out_shardings=(shardings, None))
+    step = jax.jit(context.with_mesh(step, mesh), out_shardings=(shardings, None))
     batch = inputs_lib.device_put(host_batch, inputs_lib.shardings(host_batch, mesh, rules, 1))
     new_state, metrics = step(state, nnx.State({}), batch)
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), old, new_state.params)

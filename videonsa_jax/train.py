@@ -39,7 +39,7 @@ from videonsa_jax.data import (
     make_dataset,
     write_synthetic_tokenizer,
 )
-from videonsa_jax.parallel import create_mesh, maybe_initialize_distributed
+from videonsa_jax.parallel import context, create_mesh, maybe_initialize_distributed
 from videonsa_jax.processing import chat
 from videonsa_jax.training import checkpointing, configs, evaluation, metrics
 from videonsa_jax.training import inputs as inputs_lib
@@ -48,6 +48,13 @@ from videonsa_jax.training import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs, generated data.")
+_DRY_RUN = flags.DEFINE_enum(
+    "dry_run",
+    None,
+    ["auto", "analytic", "compile"],
+    "Print the per-device memory of the config's step and exit; allocates nothing "
+    "(videonsa_jax/parallel/dry_run.py): --dry_run=auto | analytic | compile.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -227,13 +234,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     schedule = step_lib.learning_rate_schedule(config)
     loss_fn = state_lib.lm_loss(config.train.loss_chunk_size)
+    # Traced under the mesh, so the model's sequence-parallel paths see it (parallel/context.py).
     train_step = jax.jit(
-        step_lib.make_train_step(graphdef, tx, loss_fn, schedule, shardings.params),
+        context.with_mesh(
+            step_lib.make_train_step(graphdef, tx, loss_fn, schedule, shardings.params), mesh
+        ),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    eval_step = jax.jit(evaluation.make_eval_step(graphdef), out_shardings=replicated)
+    eval_step = jax.jit(
+        context.with_mesh(evaluation.make_eval_step(graphdef), mesh), out_shardings=replicated
+    )
     letter_ids = evaluation.letter_token_ids(tokenizer)
     eval_patches = config.eval.batch_size * num_patches // config.data.batch_size
 
@@ -314,6 +326,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     maybe_initialize_distributed()
+    if _DRY_RUN.value:
+        from videonsa_jax.parallel import dry_run  # noqa: PLC0415
+
+        print(dry_run.report(_CONFIG.value, _DRY_RUN.value))
+        return
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainingError as e:

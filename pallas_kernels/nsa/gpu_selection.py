@@ -4,8 +4,8 @@ Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, Tk, H, D]; idx int32 [B, Tq, H, S]
 lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
 
     forward  KV-block-major, over query chunks of C tokens (C = the largest power of two whose
-             partial o fits FWD_PARTIAL_BYTES: 16384 at 28 heads, D=128, S=32, bf16), run one
-             after another (fori_loop). Per chunk: the inverse index of its (token, slot) entries
+             partial o fits PARTIAL_BYTES: 16384 at 28 heads, D=128, S=32, bf16), run one after
+             another (fori_loop). Per chunk: the inverse index of its (token, slot) entries
              (below), then grid (items, B*H): a program loads its [BS, D] K and V block once and
              streams the gathered packed rows [64, D] (64 // G tokens x G heads) of the entries
              that selected it, writing each (token, slot)'s own softmax: o normalised, in q.dtype
@@ -14,19 +14,22 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              as numbers) into o and lse. K/V bytes per chunk ~ one read of the selected blocks
              instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8 ms for the former
              per-(token, KV head) walk (bound by L2 bandwidth).
-    dq       grid (Tq, B*H), token-fastest so that concurrent programs share one KV head's K/V in
-             L2. A program holds the G query heads of one token as a [Gp, D] tile
-             (Gp = max(16, next pow2 of G), the MMA minimum; extra rows are masked, never loaded)
-             and walks its S blocks ([BS, D] K and V each), p recomputed from lse.
-    dk/dv    KV-block-major over the inverse index (CSR of (token, slot) entries per block, one
-             flat CUB radix sort): one program per work item = (block, <= ITEM entries of the
-             tokens that selected it); the [BS, D] K/V block stays resident while the gathered
-             packed rows [64, D] of its queries stream through. Blocks selected by many tokens
-             (block 0 is forced for all) are cut into several items whose fp32 partials
-             [B, H, items, BS, D] XLA sums: no atomics, no scan over all tokens.
-Memory: forward partials C*S*HQ*(D*itemsize + 8) bytes per chunk (3.8 GB at 128K); CSR int32
-4*B*H*Tq*S bytes (x3 during the sort); dk/dv partials 2 * 4*B*H*items*BS*D bytes with
-items <= NB + Tq*S / ITEM.
+    backward KV-block-major over the same query chunks, one fused pass per chunk: grid
+             (items, B*H), a program keeps its [BS, D] K and V block resident while the gathered
+             packed rows [64, D] (q, do, lse, delta) of its entries stream through; p is
+             recomputed from lse. It accumulates dK/dV for the block in fp32 registers and writes
+             each (token, slot)'s dq = ds @ K (in q.dtype) to a partial [B, C, S, HQ, D]; XLA sums
+             the S partials per (token, head) (unused slots masked with where) and scatter-adds
+             the per-item dK/dV partials [B, H, items, BS, D] into fp32 block accumulators. No
+             atomics, no per-token walk over the S blocks (which read 1 MiB of K/V per (token, KV
+             head)).
+    inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
+    index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
+             blocks become several items.
+Memory: partial o (fwd) or dq (bwd) C*S*HQ*D*itemsize bytes per chunk (3.8 GB at 128K, bf16) plus
+fp32 stats C*S*HQ*8 (fwd); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
+accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk item partials of the same size with
+items <= NB + C*S / ITEM.
 """
 
 from __future__ import annotations
@@ -48,59 +51,21 @@ from pallas_kernels.nsa.gpu_common import (
     load_block,
     load_rows,
     load_stat,
-    next_pow2,
-    store_rows,
 )
 
 Array = jax.Array
 
-ITEM = 2048  # CSR entries (tokens) per dk/dv work item
-DKV_ROWS = 64
-WALK_LAUNCH = (4, 3)  # (num_warps, num_stages) of the dq block walk
+ITEM = 2048  # CSR entries ((token, slot) pairs) per work item
 FWD_ROWS = 64  # packed query rows per step of the KV-block-major forward
-FWD_LAUNCH = (4, 3)
-FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, slot) partial o
+FWD_LAUNCH = (4, 3)  # (num_warps, num_stages)
+BWD_ROWS = 64  # packed query rows per step of the KV-block-major backward
+BWD_LAUNCH = (4, 2)
+PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the per-(token, slot) partial o (fwd) / dq (bwd)
 
 
-def _token_rows(i: Array, g: int, tq: int, h: Array):
-    gp = max(16, next_pow2(g))
-    r = jnp.arange(gp, dtype=jnp.int32)
-    valid = (r < g) & (i < tq)
-    return jnp.where(valid, i, tq), h * g + r, valid
-
-
-def _dq_kernel(
-    off_ref, q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, dl_ref, dq_ref, *, g, scale, bs, count
-):
-    i, bh = pl.program_id(0), pl.program_id(1)
-    _, tq, _, d = q_ref.shape
-    tk, h_kv = k_ref.shape[1], k_ref.shape[2]
-    b, h = bh // h_kv, bh % h_kv
-    t = off_ref[0] + i
-    tok, head, valid = _token_rows(i, g, tq, h)
-    q = load_rows(q_ref, b, tok, head, valid)
-    do = load_rows(do_ref, b, tok, head, valid)
-    lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-    delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
-    c = scale * LOG2E
-
-    def body(s, dq):
-        n = idx_ref[b, i, h, s]
-        j0 = n * bs
-        k = load_block(k_ref, b, j0, bs, h, tk)
-        v = load_block(v_ref, b, j0, bs, h, tk)
-        j = j0 + jnp.arange(bs, dtype=jnp.int32)
-        mask = ((n >= 0) & (j <= t) & (j < tk))[None, :]
-        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
-        ds = p * (dot(do, v, trans_b=True) - delta)
-        return dq + dot(ds.astype(k.dtype), k)
-
-    dq = lax.fori_loop(0, count, body, jnp.zeros((q.shape[0], d), jnp.float32))
-    store_rows(dq_ref, b, tok, head, valid, dq * scale)
-
-
-def _dkv_kernel(
+def _bwd_chunk_kernel(
     off_ref,
+    c0_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -113,43 +78,52 @@ def _dkv_kernel(
     end_ref,
     dk_ref,
     dv_ref,
+    dqp_ref,
     *,
     g,
     scale,
     bs,
-    s_count,
 ):
     w, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
     tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+    _, chunk, s_count, _, _ = dqp_ref.shape
     b, h = bh // h_kv, bh % h_kv
-    off = off_ref[0]
+    off, c0 = off_ref[0], c0_ref[0]
     n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
     j0 = n * bs
     k = load_block(k_ref, b, j0, bs, h, tk)
     v = load_block(v_ref, b, j0, bs, h, tk)
     j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
-    per = DKV_ROWS // g
-    r = jnp.arange(DKV_ROWS, dtype=jnp.int32)
+    per = BWD_ROWS // g
+    r = jnp.arange(BWD_ROWS, dtype=jnp.int32)
     head = h * g + r % g
+    dd = jnp.arange(d, dtype=jnp.int32)[None, :]
     c = scale * LOG2E
 
-    def body(chunk, carry):
+    def body(it, carry):
         dk, dv = carry
-        e = e0 + chunk * per + r // g
+        e = e0 + it * per + r // g
         valid = (r < per * g) & (e < e1)
         ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
-        tok = jnp.where(valid, ent // s_count, tq)
-        t = (off + tok)[:, None]
+        valid = valid & (c0 + ent // s_count < tq)
+        loc = jnp.where(valid, ent // s_count, chunk)  # out of bounds when invalid
+        slot = ent % s_count
+        tok = jnp.where(valid, c0 + loc, tq)
         q = load_rows(q_ref, b, tok, head, valid)
         do = load_rows(do_ref, b, tok, head, valid)
         lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
         delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
-        mask = valid[:, None] & (j <= t) & (j < tk)
+        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
         p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (dot(do, v, trans_b=True) - delta)
-        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+        ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
+        dk = dk + dot(ds, q, trans_a=True)
+        plgpu.store(
+            dqp_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
+            (dot(ds, k) * scale).astype(dqp_ref.dtype),
+            mask=valid[:, None],
+        )
         return dk, dv
 
     zeros = jnp.zeros((bs, d), jnp.float32)
@@ -220,6 +194,11 @@ def _fwd_chunk_kernel(
     lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, jnp.int32(0))
 
 
+def _chunk_size(s: int, hq: int, d: int, itemsize: int) -> int:
+    """Largest power of two C with per-(token, slot) partials C*S*HQ*D*itemsize <= PARTIAL_BYTES."""
+    return 1 << (max(1, PARTIAL_BYTES // (s * hq * d * itemsize)).bit_length() - 1)
+
+
 def _merge(po: Array, pm: Array, pl_: Array, sel: Array, g: int) -> tuple[Array, Array]:
     """Merges the per-(token, slot) partials of one chunk (XLA, one pass over po).
 
@@ -244,16 +223,13 @@ def selection_fwd(
 ) -> tuple[Array, Array]:
     """KV-block-major forward -> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32).
 
-    chunk: queries per chunk (default: the largest power of two whose partials fit
-    FWD_PARTIAL_BYTES).
+    chunk: queries per chunk (default: the largest power of two whose partials fit PARTIAL_BYTES).
     """
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    if chunk is None:
-        chunk = 1 << (max(1, FWD_PARTIAL_BYTES // (s * hq * d * q.dtype.itemsize)).bit_length() - 1)
-    chunk = min(chunk, tq)
+    chunk = min(chunk or _chunk_size(s, hq, d, q.dtype.itemsize), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     kern = functools.partial(_fwd_chunk_kernel, g=g, scale=scale, bs=block_size)
@@ -342,58 +318,78 @@ def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
 
 
 def selection_bwd(
-    q, k, v, idx, o, lse, do, off, *, scale: float, block_size: int, interpret: bool
+    q,
+    k,
+    v,
+    idx,
+    o,
+    lse,
+    do,
+    off,
+    *,
+    scale: float,
+    block_size: int,
+    interpret: bool,
+    chunk: int | None = None,
 ) -> tuple[Array, Array, Array]:
-    """-> (dq, dk, dv) in the input dtypes."""
+    """KV-block-major backward -> (dq, dk, dv) in the input dtypes.
+
+    chunk: queries per chunk (default: as the forward, the largest power of two whose dq partials
+    fit PARTIAL_BYTES).
+    """
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
-    g = hq // h
+    g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
+    chunk = min(chunk or _chunk_size(s, hq, d, q.dtype.itemsize), tq)
+    n_chunks = -(-tq // chunk)
+    idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-    dq = call(
-        functools.partial(_dq_kernel, g=g, scale=scale, bs=block_size, count=idx.shape[-1]),
-        (tq, bsz * h),
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret,
-        *WALK_LAUNCH,
-        off,
-        q,
-        k,
-        v,
-        idx,
-        do,
-        lse,
-        delta,
-    )
-    entries, blk, start, end = _inverse_index(idx, nb)
-    n_items = blk.shape[-1]
-    part = jax.ShapeDtypeStruct((bsz, h, n_items, block_size, d), jnp.float32)
-    dk_p, dv_p = call(
-        functools.partial(_dkv_kernel, g=g, scale=scale, bs=block_size, s_count=idx.shape[-1]),
-        (n_items, bsz * h),
-        (part, part),
-        interpret,
-        4,
-        2,
-        off,
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        entries,
-        blk,
-        start,
-        end,
-    )
-    seg = jnp.where(blk >= 0, blk, nb)
+    kern = functools.partial(_bwd_chunk_kernel, g=g, scale=scale, bs=block_size)
     b_ix = jnp.arange(bsz)[:, None, None]
     h_ix = jnp.arange(h)[None, :, None]
 
-    def to_keys(p: Array, dtype) -> Array:
-        blocks = jnp.zeros((bsz, h, nb + 1, block_size, d), jnp.float32).at[b_ix, h_ix, seg].add(p)
+    def one_chunk(ci, carry):
+        dq, dk, dv = carry
+        c0 = ci * chunk
+        idx_c = lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1)
+        ent, blk, start, end = _inverse_index(idx_c, nb)
+        part = jax.ShapeDtypeStruct((bsz, h, blk.shape[-1], block_size, d), jnp.float32)
+        dqp_shape = jax.ShapeDtypeStruct((bsz, chunk, s, hq, d), q.dtype)
+        dk_p, dv_p, dqp = call(
+            kern,
+            (blk.shape[-1], bsz * h),
+            (part, part, dqp_shape),
+            interpret,
+            *BWD_LAUNCH,
+            off,
+            c0.reshape(1),
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            ent,
+            blk,
+            start,
+            end,
+        )
+        ok = jnp.repeat((idx_c >= 0).transpose(0, 1, 3, 2), g, axis=3)[..., None]
+        dq_c = jnp.sum(jnp.where(ok, dqp.astype(jnp.float32), 0.0), axis=2).astype(q.dtype)
+        seg = jnp.where(blk >= 0, blk, nb)
+        return (
+            lax.dynamic_update_slice_in_dim(dq, dq_c, c0, axis=1),
+            dk.at[b_ix, h_ix, seg].add(dk_p),
+            dv.at[b_ix, h_ix, seg].add(dv_p),
+        )
+
+    acc = jnp.zeros((bsz, h, nb + 1, block_size, d), jnp.float32)
+    init = (jnp.zeros((bsz, n_chunks * chunk, hq, d), q.dtype), acc, acc)
+    dq, dk, dv = lax.fori_loop(0, n_chunks, one_chunk, init)
+
+    def to_keys(blocks: Array, dtype) -> Array:
         x = blocks[:, :, :nb].reshape(bsz, h, nb * block_size, d)[:, :, :tk]
         return x.transpose(0, 2, 1, 3).astype(dtype)
 
-    return dq, to_keys(dk_p, k.dtype), to_keys(dv_p, v.dtype)
+    return dq[:, :tq], to_keys(dk, k.dtype), to_keys(dv, v.dtype)

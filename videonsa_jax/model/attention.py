@@ -17,6 +17,7 @@ from flax import nnx
 from videonsa_jax.config import ModelConfig
 from videonsa_jax.model import rope, videonsa
 from videonsa_jax.model.layers import Linear
+from videonsa_jax.parallel import context as context_lib
 
 # Finite, so that fully masked rows (padding queries) give a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -153,5 +154,7 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """The attention kinds: q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
         if self.kind == "dense":
+            if context_lib.context_size() > 1 and k.shape[1] == q.shape[1]:  # sequence parallel
+                return context_lib.dense_attention(q, k, v, batch.kv_valid)
             return dense_attention(q, k, v, q_index=batch.q_index, kv_valid=batch.kv_valid)
         return videonsa.attend(self, x, q, k, v, batch)

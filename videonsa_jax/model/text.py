@@ -18,6 +18,7 @@ from videonsa_jax.config import ModelConfig
 from videonsa_jax.model import rope
 from videonsa_jax.model.attention import Attention, AttentionBatch, LayerCache
 from videonsa_jax.model.layers import Linear, RMSNorm, param
+from videonsa_jax.parallel import context
 
 REMAT_POLICIES = {
     "none": None,
@@ -149,6 +150,13 @@ class TextModel(nnx.Module):
         mask = (
             jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
         )
+        vision_mask = jnp.zeros((b, length), bool) if vision_mask is None else vision_mask
+        real_length = length
+        if cache is None:  # Sequence parallelism: a no-op without a `context` mesh axis.
+            length = context.padded_length(length, self.config.attention.block_size)
+            embeds, positions, mask, vision_mask, text_rows = context.pad_inputs(
+                embeds, positions, mask, vision_mask, text_rows, length
+            )
         cos, sin = rope.mrope_cos_sin(
             positions,
             head_dim=t.head_dim,
@@ -165,7 +173,7 @@ class TextModel(nnx.Module):
             sin=sin,
             q_index=start + jnp.arange(length, dtype=jnp.int32),
             kv_valid=kv_valid,
-            vision_mask=jnp.zeros((b, length), bool) if vision_mask is None else vision_mask,
+            vision_mask=vision_mask,
             positions=positions,
             text_rows=text_rows,
         )
@@ -177,6 +185,8 @@ class TextModel(nnx.Module):
             layer = nnx.merge(graphdef, layer_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, index=start)
             x, layer_cache = layer(x, batch, layer_cache)
+            if layer_cache is None:
+                x = context.shard_sequence(x)
             sown = {
                 str(path[-1]): var.get_value()
                 for path, var in nnx.to_flat_state(nnx.pop(layer, nnx.Intermediate))
@@ -193,4 +203,4 @@ class TextModel(nnx.Module):
                 self.sow(nnx.Intermediate, name, value)
         if cache is not None:
             cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid, index=start + length)
-        return self.norm(x), cache
+        return self.norm(x[:, :real_length]), cache

@@ -15,9 +15,11 @@
 Gate MLP (`g_proj_1` hidden->hidden + bias, exact GELU, `g_proj_2` hidden->3*heads + bias, divided
 by `gate_temperature`, sigmoid); output index head*3 + branch, branch 0 compression / 1 selection /
 2 sliding window. Initialisation follows the released training code: weights N(0, 0.02), biases 0.
-This makes the gates 0.5 only on average: the logits are not 0 (at init they have a standard
-deviation of about 0.02^2 * sqrt(hidden) * |gelu(g_proj_1(x))| / temperature, ~2.7 for the 7B
-model with hidden 3584, ~0.1 for a 64-wide toy model), so individual gates start spread over (0, 1).
+This makes the gates 0.5 only on average: the logits are not 0. For a unit-RMS input, g_proj_1's
+outputs have std 0.02 * sqrt(hidden) and the logits std 0.02 * sqrt(hidden * E[gelu(.)^2]) / 0.3:
+about 3.2 for the 7B model (hidden 3584; gates spread over (0, 1), std ~0.37 across tokens),
+0.04 for a 64-wide toy model (gates within ~0.01 of 0.5). Zeroing g_proj_2's weight would give
+exactly 0.5 but is not what the released model was trained from.
 
 What a layer records (`nnx.Intermediate`, collected over the scanned layers by `TextModel`, which
 re-sows them stacked with a leading layer axis; pop them with `nnx.pop(model, nnx.Intermediate)`):
@@ -43,6 +45,7 @@ from videonsa_jax.config import ModelConfig
 # A module import: attention.py imports this module, so names are looked up at call time.
 from videonsa_jax.model import attention as attention_lib
 from videonsa_jax.model.layers import Linear
+from videonsa_jax.parallel import context as context_lib
 
 GATE_NAMES = ("gate_cmp", "gate_slc", "gate_swa")
 # `text_rows` buckets the number of text rows up to a multiple of this (fewer recompilations).
@@ -215,7 +218,16 @@ def _videonsa(module: Any, x, q, k, v, batch) -> tuple[jax.Array, dict[str, jax.
         )
         return o, gates, block_indices
 
-    if batch.text_rows is None:  # Every row may be text (decode steps, text-only input).
+    if batch.text_rows is not None and context_lib.context_size() > 1:  # sequence parallel
+        gates = jax.nn.sigmoid(
+            gate_logits(module.g_proj_1, module.g_proj_2, x, cfg.gate_temperature)
+        )
+        out, block_indices = context_lib.hybrid_attention(
+            q, k, v, gates, batch.text_rows, batch.kv_valid,
+            block_size=cfg.block_size, block_count=cfg.block_count,
+            window_size=cfg.window_size, impl=cfg.impl,
+        )  # fmt: skip
+    elif batch.text_rows is None:  # Every row may be text (decode steps, text-only input).
         dense = attention_lib.dense_attention(
             q, k, v, q_index=batch.q_index, kv_valid=batch.kv_valid
         )

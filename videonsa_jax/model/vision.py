@@ -44,6 +44,7 @@ from flax import nnx
 from videonsa_jax.config import VisionConfig
 from videonsa_jax.model import rope
 from videonsa_jax.model.layers import Linear, RMSNorm
+from videonsa_jax.parallel import context
 
 
 @flax.struct.dataclass
@@ -194,7 +195,8 @@ def group_attention(
     Returns:
         [N, H, D].
     """
-    qg, kg, vg = q[index], k[index], v[index]  # [G, S, H, D]
+    # [G, S, H, D]; groups are independent: split over the devices (sequence parallelism).
+    qg, kg, vg = (context.shard_leading(x[index]) for x in (q, k, v))
     logits = jnp.einsum("gqhd,gkhd->ghqk", qg, kg, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(q.shape[-1]))
     # A finite fill keeps all-padding groups NaN-free; their rows are never read back.
@@ -313,7 +315,7 @@ class VisionTransformer(nnx.Module):
         Output rows are merged tokens in the same order as the `<|image_pad|>` / `<|video_pad|>`
         tokens of the prompt.
         """
-        x = self.patch_embed(pixel_rows)
+        x = context.shard_leading(self.patch_embed(pixel_rows))
         cos, sin = rope.vision_cos_sin(layout.rotary_pos, head_dim=self.config.head_dim)
         window = (layout.window_index, layout.window_valid, layout.window_inverse)
         full = (layout.full_index, layout.full_valid, layout.full_inverse)
