@@ -3,9 +3,9 @@
 Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, Tk, H, D]; idx int32 [B, Tq, H, S] (-1 = unused);
 lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
 
-    forward  KV-block-major, over query chunks of C tokens (C = the largest power of two whose
-             partial o fits PARTIAL_BYTES: 16384 at 28 heads, D=128, S=32, bf16), run one after
-             another (fori_loop). Per chunk: the inverse index of its (token, slot) entries
+    forward  KV-block-major, over query chunks of C tokens (`_chunk_size`: equal chunks whose
+             partials fit FWD_PARTIAL_BYTES, 16384 at 128K, 28 heads, D=128, S=32, bf16), run one
+             after another (fori_loop). Per chunk: the inverse index of its (token, slot) entries
              (below), then grid (items, B*H): a program loads its [BS, D] K and V block once and
              streams the gathered packed rows [64, D] (64 // G tokens x G heads) of the entries
              that selected it, writing each (token, slot)'s own softmax: o normalised, in q.dtype
@@ -14,8 +14,8 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              as numbers) into o and lse. K/V bytes per chunk ~ one read of the selected blocks
              instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8 ms for the former
              per-(token, KV head) walk (bound by L2 bandwidth).
-    backward KV-block-major over the same query chunks, one fused pass per chunk: grid
-             (items, B*H), a program keeps its [BS, D] K and V block resident while the gathered
+    backward KV-block-major over query chunks (partials within BWD_PARTIAL_BYTES: 13120 tokens
+             at 128K), one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K and V block resident while the gathered
              packed rows [64, D] (q, do, lse, delta) of its entries stream through; p is
              recomputed from lse. It accumulates dK/dV for the block in fp32 registers and writes
              each (token, slot)'s dq = ds @ K (in q.dtype) to a partial [B, C, S, HQ, D]; XLA sums
@@ -26,8 +26,8 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
-Memory: partial o (fwd) or dq (bwd) C*S*HQ*D*itemsize bytes per chunk (3.8 GB at 128K, bf16) plus
-fp32 stats C*S*HQ*8 (fwd); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
+Memory: partial o (fwd) C*S*HQ*(D*itemsize + 8) bytes per chunk (3.9 GB at 128K, bf16) or dq (bwd)
+C*S*HQ*D*itemsize (3.0 GB at 128K); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
 accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk item partials of the same size with
 items <= NB + C*S / ITEM.
 """
@@ -60,7 +60,8 @@ FWD_ROWS = 64  # packed query rows per step of the KV-block-major forward
 FWD_LAUNCH = (4, 3)  # (num_warps, num_stages)
 BWD_ROWS = 64  # packed query rows per step of the KV-block-major backward
 BWD_LAUNCH = (4, 2)
-PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the per-(token, slot) partial o (fwd) / dq (bwd)
+FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, slot) partial o
+BWD_PARTIAL_BYTES = 3 * 2**30  # per-chunk budget of the backward's per-(token, slot) partial dq
 
 
 def _bwd_chunk_kernel(
@@ -194,9 +195,13 @@ def _fwd_chunk_kernel(
     lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, jnp.int32(0))
 
 
-def _chunk_size(s: int, hq: int, d: int, itemsize: int) -> int:
-    """Largest power of two C with per-(token, slot) partials C*S*HQ*D*itemsize <= PARTIAL_BYTES."""
-    return 1 << (max(1, PARTIAL_BYTES // (s * hq * d * itemsize)).bit_length() - 1)
+def _chunk_size(tq: int, per_token: int, budget: float) -> int:
+    """Queries per chunk: the fewest equal chunks whose partials (per_token bytes per query) fit
+    `budget`, rounded up to a multiple of 64 (16384 for the forward at 128K, 28 heads, D=128,
+    S=32, bf16; 13120 for the backward)."""
+    n_chunks = -(-tq * per_token // int(budget))
+    per_chunk = -(-tq // n_chunks)
+    return min(tq, -(-per_chunk // 64) * 64)
 
 
 def _merge(po: Array, pm: Array, pl_: Array, sel: Array, g: int) -> tuple[Array, Array]:
@@ -223,13 +228,14 @@ def selection_fwd(
 ) -> tuple[Array, Array]:
     """KV-block-major forward -> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32).
 
-    chunk: queries per chunk (default: the largest power of two whose partials fit PARTIAL_BYTES).
+    chunk: queries per chunk (default: `_chunk_size` with FWD_PARTIAL_BYTES).
     """
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    chunk = min(chunk or _chunk_size(s, hq, d, q.dtype.itemsize), tq)
+    per_token = s * hq * (d * q.dtype.itemsize + 8)
+    chunk = min(chunk or _chunk_size(tq, per_token, FWD_PARTIAL_BYTES), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     kern = functools.partial(_fwd_chunk_kernel, g=g, scale=scale, bs=block_size)
@@ -334,14 +340,14 @@ def selection_bwd(
 ) -> tuple[Array, Array, Array]:
     """KV-block-major backward -> (dq, dk, dv) in the input dtypes.
 
-    chunk: queries per chunk (default: as the forward, the largest power of two whose dq partials
-    fit PARTIAL_BYTES).
+    chunk: queries per chunk (default: `_chunk_size` with BWD_PARTIAL_BYTES).
     """
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    chunk = min(chunk or _chunk_size(s, hq, d, q.dtype.itemsize), tq)
+    per_token = s * hq * d * q.dtype.itemsize
+    chunk = min(chunk or _chunk_size(tq, per_token, BWD_PARTIAL_BYTES), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)

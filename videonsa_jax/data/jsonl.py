@@ -13,35 +13,35 @@ from collections.abc import Sequence
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """Parses a JSONL file (blank lines ignored)."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """Parses a JSONL file (blank lines ignored)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _resolve(root: str, value):
-  if isinstance(value, str):
-    return value if os.path.isabs(value) else os.path.join(root, value)
-  if isinstance(value, list):
-    return [_resolve(root, v) for v in value]
-  return value
+    if isinstance(value, str):
+        return value if os.path.isabs(value) else os.path.join(root, value)
+    if isinstance(value, list):
+        return [_resolve(root, v) for v in value]
+    return value
 
 
 class JsonlSource(Sequence):
-  """Random-access records of one or more JSONL files, media paths made absolute."""
+    """Random-access records of one or more JSONL files, media paths made absolute."""
 
-  def __init__(self, paths: str | Sequence[str], media_root: str | None = None):
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    self._records = []
-    for path in paths:
-      root = media_root or os.path.dirname(os.path.abspath(path))
-      for record in read_jsonl(path):
-        for key in ('video', 'image'):
-          if key in record:
-            record[key] = _resolve(root, record[key])
-        self._records.append(record)
+    def __init__(self, paths: str | Sequence[str], media_root: str | None = None):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        self._records = []
+        for path in paths:
+            root = media_root or os.path.dirname(os.path.abspath(path))
+            for record in read_jsonl(path):
+                for key in ("video", "image"):
+                    if key in record:
+                        record[key] = _resolve(root, record[key])
+                self._records.append(record)
 
-  def __len__(self) -> int:
-    return len(self._records)
+    def __len__(self) -> int:
+        return len(self._records)
 
-  def __getitem__(self, index: int) -> dict:
-    return dict(self._records[index])
+    def __getitem__(self, index: int) -> dict:
+        return dict(self._records[index])

@@ -22,33 +22,32 @@ PATCH_DIM = 3 * resize_lib.TEMPORAL_PATCH_SIZE * resize_lib.PATCH_SIZE**2  # 117
 
 
 def normalize(frames: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std (CLIP statistics)."""
-  x = frames.astype(np.float32) * np.float32(1 / 255)
-  return (x - CLIP_MEAN) / CLIP_STD
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std (CLIP statistics)."""
+    x = frames.astype(np.float32) * np.float32(1 / 255)
+    return (x - CLIP_MEAN) / CLIP_STD
 
 
-def pad_temporal(frames: np.ndarray, multiple: int = resize_lib.TEMPORAL_PATCH_SIZE
-                 ) -> np.ndarray:
-  """Repeats the last frame until the frame count is a multiple of `multiple`."""
-  pad = -frames.shape[0] % multiple
-  if pad:
-    frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
-  return frames
+def pad_temporal(frames: np.ndarray, multiple: int = resize_lib.TEMPORAL_PATCH_SIZE) -> np.ndarray:
+    """Repeats the last frame until the frame count is a multiple of `multiple`."""
+    pad = -frames.shape[0] % multiple
+    if pad:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+    return frames
 
 
 def patchify(frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-  """Flattens normalised frames [T, H, W, 3] into rows [gt*gh*gw, 1176] in HF's order.
+    """Flattens normalised frames [T, H, W, 3] into rows [gt*gh*gw, 1176] in HF's order.
 
-  T is padded to even by repeating the last frame; H and W must be multiples of 28.
-  Returns the rows and the grid (gt, gh, gw) in patches.
-  """
-  p, m, tp = resize_lib.PATCH_SIZE, resize_lib.MERGE_SIZE, resize_lib.TEMPORAL_PATCH_SIZE
-  frames = pad_temporal(frames, tp)
-  t, h, w, c = frames.shape
-  if h % (p * m) or w % (p * m):
-    raise ValueError(f'frame size {h}x{w} is not a multiple of {p * m}')
-  gt, gh, gw = t // tp, h // p, w // p
-  x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
-  # (t, tp, bh, mh, py, bw, mw, px, c) -> (t, bh, bw, mh, mw, c, tp, py, px)
-  x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-  return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+    T is padded to even by repeating the last frame; H and W must be multiples of 28.
+    Returns the rows and the grid (gt, gh, gw) in patches.
+    """
+    p, m, tp = resize_lib.PATCH_SIZE, resize_lib.MERGE_SIZE, resize_lib.TEMPORAL_PATCH_SIZE
+    frames = pad_temporal(frames, tp)
+    t, h, w, c = frames.shape
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m}")
+    gt, gh, gw = t // tp, h // p, w // p
+    x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
+    # (t, tp, bh, mh, py, bw, mw, px, c) -> (t, bh, bw, mh, mw, c, tp, py, px)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
