@@ -255,10 +255,7 @@ def print_tables(rows: list[str], split_rows: list[str]) -> None:
 
 
 def sweep(t: int) -> None:
-    """Selection backward at one length: the former dq walk + dK/dV pass vs the fused block-major
-    pass over chunk/launch settings, with their max differences."""
-    from pallas_kernels.nsa import gpu_selection_walk_tmp as walk
-
+    """Selection backward at one length over query-chunk sizes (max differences vs the first)."""
     q, k, v, _, do = inputs(t, jnp.bfloat16)
     off = jnp.zeros((1,), jnp.int32)
     kc = reference.mean_pool(k, BS)
@@ -273,23 +270,15 @@ def sweep(t: int) -> None:
     sl = dict(scale=SCALE, block_size=BS, interpret=False)
     o, lse_s = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))(q, k, v, idx, off)
     args = (q, k, v, idx, o, lse_s, do, off)
-    f_old = jax.jit(functools.partial(walk.selection_bwd, **sl))
-    old = f_old(*args)
-    print(f"sweep T={t}: selection bwd, dq walk + dK/dV: {bench(f_old, *args, n=5):.2f} ms")
-    del f_old
-    for chunk, launch in ((16384, (4, 2)), (16384, (8, 2)), (16384, (4, 3)), (8192, (4, 2))):
-        gpu_selection.BWD_LAUNCH = launch
+    first = None
+    for chunk in (16384, 13120, 10944):
         f = jax.jit(functools.partial(gpu_selection.selection_bwd, chunk=chunk, **sl))
         new = f(*args)
-        diff = " ".join(f"{n} {rel(a, b):.1e}" for n, a, b in zip("qkv", new, old, strict=True))
+        first = first or new
+        diff = " ".join(f"{n} {rel(a, b):.1e}" for n, a, b in zip("qkv", new, first, strict=True))
         ms = bench(f, *args, n=5)
-        print(
-            f"sweep T={t}: selection bwd fused, chunk {chunk} warps/stages {launch}: {ms:.2f} ms"
-            f" (rel diff vs walk: {diff})",
-            flush=True,
-        )
+        print(f"sweep T={t}: selection bwd chunk {chunk}: {ms:.2f} ms ({diff})", flush=True)
         del f, new
-    gpu_selection.BWD_LAUNCH = (4, 2)
 
 
 def main() -> None:

@@ -15,14 +15,15 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8 ms for the former
              per-(token, KV head) walk (bound by L2 bandwidth).
     backward KV-block-major over query chunks (partials within BWD_PARTIAL_BYTES: 13120 tokens
-             at 128K), one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K and V block resident while the gathered
-             packed rows [64, D] (q, do, lse, delta) of its entries stream through; p is
-             recomputed from lse. It accumulates dK/dV for the block in fp32 registers and writes
-             each (token, slot)'s dq = ds @ K (in q.dtype) to a partial [B, C, S, HQ, D]; XLA sums
-             the S partials per (token, head) (unused slots masked with where) and scatter-adds
-             the per-item dK/dV partials [B, H, items, BS, D] into fp32 block accumulators. No
-             atomics, no per-token walk over the S blocks (which read 1 MiB of K/V per (token, KV
-             head)).
+             at 128K), one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K
+             and V block resident while the gathered packed rows [64, D] (q, do, lse, delta) of
+             its entries stream through; p is recomputed from lse. It accumulates dK/dV for the
+             block in fp32 registers and writes each (token, slot)'s dq = ds @ K (in q.dtype) to
+             a partial [B, C, S, HQ, D]; XLA sums the S partials per (token, head) (unused slots
+             masked with where) and scatter-adds the per-item dK/dV partials [B, H, items, BS, D]
+             into fp32 block accumulators. No atomics, no per-token walk over the S blocks (which
+             read 1 MiB of K/V per (token, KV head)): at 128K 72.4 ms vs 100.6 ms for the walk +
+             a separate dK/dV pass.
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
