@@ -10,6 +10,7 @@ and prints a markdown table of sampled frames/s and LLM vision tokens/s (best of
 """
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -17,8 +18,7 @@ import time
 
 import numpy as np
 
-from videonsa_jax.data import pipeline
-from videonsa_jax.data import synthetic
+from videonsa_jax.data import pipeline, synthetic
 from videonsa_jax.processing import chat
 from videonsa_jax.processing import preprocess as preprocess_lib
 from videonsa_jax.processing import video as video_lib
@@ -77,9 +77,13 @@ def main() -> None:
         for name, (h, w), n, src_fps, fps, lo, hi in CASES:
             path = os.path.join(tmp, "clip.mp4")
             synthetic.write_mp4(path, _clip(h, w, n), src_fps)
-            t_dec, (frames, meta) = _best(lambda: video_lib.load_video(path, fps=fps), args.repeats)
+            t_dec, (frames, meta) = _best(
+                functools.partial(video_lib.load_video, path, fps=fps), args.repeats
+            )
             t_pre, out = _best(
-                lambda: preprocess_lib.preprocess_video(frames, meta, min_pixels=lo, max_pixels=hi),
+                functools.partial(
+                    preprocess_lib.preprocess_video, frames, meta, min_pixels=lo, max_pixels=hi
+                ),
                 args.repeats,
             )
             cfg = pipeline.DataConfig(max_length=10**6, fps=fps, min_pixels=lo, max_pixels=hi)
@@ -90,7 +94,9 @@ def main() -> None:
                     {"from": "gpt", "value": "A red disc moves."},
                 ],
             }
-            t_rec, _ = _best(lambda: pipeline.process_record(record, tok, cfg), args.repeats)
+            t_rec, _ = _best(
+                functools.partial(pipeline.process_record, record, tok, cfg), args.repeats
+            )
             grid = tuple(int(v) for v in out["video_grid_thw"][0])
             tokens = chat.num_vision_tokens(grid)
             t = len(frames)

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume after kill -9, SIGTERM saves, corrupt latest falls back."""
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from flax import nnx
 from videonsa_jax import train
 from videonsa_jax.model.layers import Linear
 from videonsa_jax.parallel import create_mesh
-from videonsa_jax.training import checkpointing, metrics
+from videonsa_jax.training import checkpointing, configs, metrics
 from videonsa_jax.training import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +74,7 @@ def _run_until(workdir, pattern, sig):
 def _shared_data(tmp_path, *workdirs):
     """Generates the synthetic data once and copies it into each workdir (video encoding is not
     bit-reproducible across runs, so both runs must read the same files)."""
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs/tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("dense")
+    config = configs.load_config_file(os.path.join(REPO, "configs/tiny.py"), "dense")
     config.data.synthetic.num_train, config.data.synthetic.num_eval = 32, 4
     train.prepare_data(config, str(tmp_path / "shared"))
     for workdir in workdirs:

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from videonsa_jax.data import jsonl as jsonl_lib
-from videonsa_jax.data import pipeline
-from videonsa_jax.data import synthetic
-from videonsa_jax.data import tfds_builder
+from videonsa_jax.data import pipeline, synthetic, tfds_builder
 from videonsa_jax.processing import chat
 
 CFG = pipeline.DataConfig(

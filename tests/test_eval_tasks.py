@@ -413,6 +413,7 @@ def test_evaluate_end_to_end_on_two_devices(tmp_path, capsys):
     import tiny_videonsa as T
 
     from videonsa_jax import evaluate
+    from videonsa_jax.training.configs import load_config_file
 
     model_dir = T.shared_checkpoint()
     rows = []
@@ -430,7 +431,7 @@ def test_evaluate_end_to_end_on_two_devices(tmp_path, capsys):
         )
     with open(tmp_path / "ts.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    config = evaluate.load_config(
+    config = load_config_file(
         os.path.join(os.path.dirname(__file__), "../configs/eval/timescope.py")
     )
     config.update(

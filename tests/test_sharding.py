@@ -1,6 +1,5 @@
 """On 8 fake CPU devices, a sharded training step equals the single-device step (fp32)."""
 
-import importlib.util
 import os
 
 import jax
@@ -22,12 +21,7 @@ IDS = dict(image_token_id=12, video_token_id=13, vision_start_token_id=9, vision
 
 
 def _tiny_setup():
-    spec = importlib.util.spec_from_file_location(
-        "tiny_config", os.path.join(REPO, "configs/tiny.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()  # VideoNSA
+    config = configs.load_config_file(os.path.join(REPO, "configs/tiny.py"))  # VideoNSA
     config.model.dtype = "float32"
     config.model.vision.update(depth=1, fullatt_block_indexes=(0,))  # faster to compile
     model_config = configs.model_config(config, IDS)

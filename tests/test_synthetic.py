@@ -49,7 +49,9 @@ def test_generate_task(tmp_path, task):
         else:
             assert answer == str(len(row["event_frames"]))
             starts = [span[0] for span in row["event_frames"]]
-            assert all(b - a > 2 for a, b in zip(starts, starts[1:]))  # separated events
+            assert all(
+                b - a > 2 for a, b in zip(starts, starts[1:], strict=False)
+            )  # separated events
 
 
 def test_deterministic_and_prefix_stable(tmp_path):

@@ -1,5 +1,7 @@
 """Vision tower parity with transformers' Qwen2.5-VL ViT (CPU, fp32, tiny random config)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,27 @@ def test_bf16_smoke(models):
     got = np.asarray(got.astype(jnp.float32))
     assert np.all(np.isfinite(got))
     assert np.max(np.abs(got - expected)) <= 5e-2 * np.max(np.abs(expected))
+
+
+def test_remat_gives_the_same_gradients(models):
+    _, ours, config = models
+    grid = np.asarray(GRIDS["video_3_slices"], np.int64)
+    pixels = jnp.asarray(random_pixels(grid, seed=3))
+    layout = prepare_vision_layout(grid, config)
+
+    def grads(remat: str):
+        model = VisionTransformer(config, remat=remat, rngs=nnx.Rngs(0))
+        nnx.update(model, nnx.state(ours))
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(pixels, layout)))
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        checkpoints = len(re.findall(r"\b(?:remat\w*|checkpoint)\[", jaxpr))
+        return jax.jit(jax.value_and_grad(loss))(params), checkpoints
+
+    (loss_ref, g_ref), checkpoints_ref = grads("none")
+    (loss, g), checkpoints = grads("full")
+    assert checkpoints_ref == 0 and checkpoints == config.depth
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, g_ref)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        VisionTransformer(config, remat="everything", rngs=nnx.Rngs(0))

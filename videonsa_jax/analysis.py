@@ -463,8 +463,9 @@ def _prefill_command(args: argparse.Namespace) -> None:
 
 def _sweep_command(args: argparse.Namespace) -> None:
     from videonsa_jax import evaluate
+    from videonsa_jax.training.configs import load_config_file
 
-    config = evaluate.load_config(args.config)
+    config = load_config_file(args.config)
     block_counts = [int(x) for x in args.block_counts.split(",")]
     window_sizes = [int(x) for x in args.window_sizes.split(",")]
 

@@ -97,10 +97,10 @@ class ModelConfig:
 
     rope_time_rule: how the temporal M-RoPE index of a video grid is computed.
         "float": t * tokens_per_second * second_per_grid_t (transformers 5.x);
-        "int": second_per_grid_t truncated to an int first (0.5 -> 0, 1.5 -> 1), the rule the released
-        VideoNSA was trained and evaluated with.
-    remat: rematerialisation policy of the scanned decoder layers ("none", "full", "dots",
-        "dots_no_batch"); a runtime setting, not written to config.json.
+        "int": second_per_grid_t truncated to an int first (0.5 -> 0, 1.5 -> 1), the rule the
+        released VideoNSA was trained and evaluated with.
+    remat: rematerialisation policy of the decoder layers and the ViT blocks ("none", "full",
+        "dots", "dots_no_batch"); a runtime setting, not written to config.json.
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)

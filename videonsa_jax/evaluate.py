@@ -16,7 +16,6 @@ and process 0 writes the reports (the workdir must be on a shared filesystem).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,16 +28,6 @@ from videonsa_jax import infer
 from videonsa_jax.evaluation import harness
 from videonsa_jax.evaluation import tasks as tasks_lib
 from videonsa_jax.generate import GenerationConfig, generate
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """Calls `get_config()` of a python config file."""
-    spec = importlib.util.spec_from_file_location("eval_config", path)
-    if spec is None or not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _replicas(model, devices: Sequence[jax.Device]) -> list:

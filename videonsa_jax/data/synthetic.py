@@ -155,7 +155,7 @@ def make_sample(
     if shuffle_choices:
         choices = [choices[i] for i in rng.permutation(len(choices))]
     events, event_frames = {}, []
-    for slot, colour in zip(slots, slot_colours):
+    for slot, colour in zip(slots, slot_colours, strict=True):
         span = list(range(slot * event_len, (slot + 1) * event_len))
         events.update({t: colour for t in span})
         event_frames.append(span)

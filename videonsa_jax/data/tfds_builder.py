@@ -12,9 +12,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from videonsa_jax.data import jsonl as jsonl_lib
 

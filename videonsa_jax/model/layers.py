@@ -14,6 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+_NORMAL_INIT = nnx.initializers.normal(0.02)
+
+# `ModelConfig.remat`: what a rematerialised decoder layer / ViT block keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def param(rngs: nnx.Rngs | None, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
@@ -35,7 +44,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(0.02),
+        kernel_init=_NORMAL_INIT,
     ):
         self.dtype = dtype
         self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)

@@ -65,7 +65,7 @@ class Qwen2_5_VL(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.visual = vision.VisionTransformer(
-            config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            config.vision, dtype=dtype, param_dtype=param_dtype, remat=config.remat, rngs=rngs
         )
         self.text = TextModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         t = config.text

@@ -17,15 +17,8 @@ from flax import nnx
 from videonsa_jax.config import ModelConfig
 from videonsa_jax.model import rope
 from videonsa_jax.model.attention import Attention, AttentionBatch, LayerCache
-from videonsa_jax.model.layers import Linear, RMSNorm, param
+from videonsa_jax.model.layers import REMAT_POLICIES, Linear, RMSNorm, param
 from videonsa_jax.parallel import context
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class KVCache(NamedTuple):

@@ -43,7 +43,7 @@ from flax import nnx
 
 from videonsa_jax.config import VisionConfig
 from videonsa_jax.model import rope
-from videonsa_jax.model.layers import Linear, RMSNorm
+from videonsa_jax.model.layers import REMAT_POLICIES, Linear, RMSNorm
 from videonsa_jax.parallel import context
 
 
@@ -289,9 +289,18 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(
-        self, config: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        config: VisionConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        rngs: nnx.Rngs,
     ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.config = config
+        self.remat = remat
         self.patch_embed = Linear(
             config.patch_dim,
             config.hidden_size,
@@ -319,6 +328,12 @@ class VisionTransformer(nnx.Module):
         cos, sin = rope.vision_cos_sin(layout.rotary_pos, head_dim=self.config.head_dim)
         window = (layout.window_index, layout.window_valid, layout.window_inverse)
         full = (layout.full_index, layout.full_valid, layout.full_inverse)
+
+        def run(block: VisionBlock, x: jax.Array, groups) -> jax.Array:
+            return block(x, cos, sin, groups)
+
+        if self.remat != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full if i in self.config.fullatt_block_indexes else window)
+            x = run(block, x, full if i in self.config.fullatt_block_indexes else window)
         return self.merger(x)

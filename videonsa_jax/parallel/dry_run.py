@@ -1,6 +1,6 @@
 """Dry run of a training config: will the step fit in device memory? Nothing is allocated.
 
-    python -m videonsa_jax.train --config=configs/long128k.py:h200 --workdir=/tmp/x --dry_run
+    python -m videonsa_jax.train --config=configs/long128k.py:h200 --workdir=/tmp/x --dry_run=auto
 
 The model and optimizer state are built abstractly (`nnx.eval_shape`) and sharded by the config's
 mesh and rules, so the per-device state size is exact. The rest of the step's memory comes from:
@@ -34,6 +34,15 @@ from videonsa_jax.training import step as step_lib
 
 MODES = ("auto", "analytic", "compile")
 GIB = 2**30
+# Usable memory per device of common targets (bytes), for the "fits" verdict.
+DEVICE_MEMORY = {
+    "H100 80GB": 80e9,
+    "H200 141GB": 141e9,
+    "TPU v5p 95GB": 95e9,
+    "TPU v6e 32GB": 32e9,
+    "TPU v5e 16GB": 16e9,
+}
+HEADROOM = 0.9  # keep 10% for XLA's own buffers and fragmentation
 
 
 def _size(num_bytes: float) -> str:
@@ -147,9 +156,19 @@ def analytic_terms(
     dense = b * min(-(-text_rows // cp), 1024) * t.num_heads * seq * 4 * 2
     logits = b * min(config.train.loss_chunk_size, tl) * t.vocab_size * 4 * 3
     window = v.merge_window**2 * v.spatial_merge_size**2
-    vit = v.depth * rows * (6 * v.hidden_size + 3 * v.intermediate_size) * act
-    vit += rows * v.num_heads * window * 4 * 2
     full_remat = config.model.remat == "full"
+    vit_block = rows * (6 * v.hidden_size + 3 * v.intermediate_size) * act
+    vit_block += rows * v.num_heads * window * 4 * 2  # window attention probs (fp32, + grad)
+    vit_saved = v.depth * rows * v.hidden_size * act  # block inputs under remat
+    vit = vit_saved + vit_block if full_remat else v.depth * vit_block
+    vit_formula = (
+        f"depth {v.depth} x patch rows/device {rows} x hidden {v.hidden_size} x {act} B (remat: "
+        f"block inputs) + one block: rows x (6 x {v.hidden_size} + 3 x {v.intermediate_size}) x "
+        f"{act} B + window attention probs"
+        if full_remat
+        else f"depth {v.depth} x (patch rows/device {rows} x (6 x {v.hidden_size} + 3 x "
+        f"{v.intermediate_size}) x {act} B + window attention probs)"
+    )
     return [
         ("state", "params + optimizer moments, sharded (exact)", state),
         ("grads", "2 x fp32 params (accumulated + micro-batch gradients)", 2 * params),
@@ -171,12 +190,7 @@ def analytic_terms(
             dense,
         ),
         ("loss chunk", f"B x chunk x vocab {t.vocab_size} x 4 B x 3", logits),
-        (
-            "vision tower",
-            f"depth {v.depth} x patch rows/device {rows} x (6 x {v.hidden_size} + 3 x "
-            f"{v.intermediate_size}) x {act} B + window attention probs (no ViT remat)",
-            vit,
-        ),
+        ("vision tower", vit_formula, vit),
     ]
 
 
@@ -220,7 +234,7 @@ def report(config: ml_collections.ConfigDict, mode: str = "auto") -> str:
         lines.append(
             f"  peak ~ argument + output + temp - alias = {_size(peak).strip()} per device"
         )
-        return "\n".join(lines)
+        return "\n".join(lines + [fits(peak)])
     if mode == "compile":
         raise ValueError(
             f"compiling needs {devices} devices; this process sees {jax.device_count()}"
@@ -231,4 +245,18 @@ def report(config: ml_collections.ConfigDict, mode: str = "auto") -> str:
     lines += [f"  {name:<14} {_size(b)}  = {formula}" for name, formula, b in terms]
     total = sum(b for _, _, b in terms)
     lines.append(f"  total          {_size(total)}  (sum of the terms above)")
-    return "\n".join(lines)
+    return "\n".join(lines + [fits(total)])
+
+
+def fits(per_device: float) -> str:
+    """One line: on which devices `per_device` bytes fit with HEADROOM (this process's device
+    first, when it reports its memory)."""
+    targets = dict(DEVICE_MEMORY)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        targets = {f"this {jax.local_devices()[0].device_kind}": stats["bytes_limit"], **targets}
+    verdicts = [
+        f"{name} {'yes' if per_device <= HEADROOM * limit else 'no'}"
+        for name, limit in targets.items()
+    ]
+    return f"fits (<= {HEADROOM:.0%} of device memory): " + ", ".join(verdicts)

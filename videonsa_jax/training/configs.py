@@ -22,6 +22,7 @@ Every key a run may set exists in `base_config()`, so a locked config rejects ty
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
@@ -161,3 +162,14 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
             )
     if not (config.data.tokenizer or init):
         raise ValueError("set config.data.tokenizer (a dir with tokenizer.json) or model.init_from")
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a python config file (`configs/long128k.py`, "h200"), or
+    `get_config()` without an argument (what `--config=path[:arg]` does)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
