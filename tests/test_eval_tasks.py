@@ -454,3 +454,27 @@ def test_evaluate_end_to_end_on_two_devices(tmp_path, capsys):
     again = evaluate.run(config, model_dir)  # Everything cached: nothing is predicted again.
     assert again["micro"] == result["micro"]
     assert len((tmp_path / "run" / "predictions.0.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_reports_a_missing_annotation_file_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "videonsa_jax.evaluate",
+            "--config=configs/eval/timescope.py",
+            f"--model={tmp_path}",
+            f"--config.annotations={tmp_path}/missing.jsonl",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: annotation file not found: {tmp_path}/missing.jsonl" in proc.stderr

@@ -17,6 +17,7 @@ and process 0 writes the reports (the workdir must be on a shared filesystem).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,7 +133,10 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if _WORKDIR.value:
         config.workdir = _WORKDIR.value
-    result = run(config, _MODEL.value)
+    try:
+        result = run(config, _MODEL.value)
+    except (FileNotFoundError, ValueError) as e:  # bad annotations, task, model dir, checkpoint
+        sys.exit(f"error: {e}")
     if result:
         task = tasks_lib.get_task(config.task)
         print(harness.markdown_report(task, result))
