@@ -1,6 +1,6 @@
-"""Sequence parallelism: on 8 fake CPU devices, context = 4 (and fsdp 2 x context 4) gives the
-single-device forward and gradients (fp32), for a length that is a multiple of neither the shard
-count nor the NSA block size."""
+"""Sequence parallelism: on 8 fake CPU devices, context = 4 (with data 2, fsdp 2 or tensor 2) gives
+the single-device forward and gradients (fp32), for a length that is a multiple of neither the
+shard count nor the NSA block size."""
 
 import dataclasses
 
@@ -87,7 +87,9 @@ def _run(kind, mesh_sizes, monkeypatch):
         )
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(context=4, data=2), dict(fsdp=2, context=4)])
+@pytest.mark.parametrize(
+    "mesh_sizes", [dict(context=4, data=2), dict(fsdp=2, context=4), dict(context=4, tensor=2)]
+)
 def test_videonsa_context_parallel_matches_single_device(mesh_sizes, monkeypatch):
     _run("videonsa", mesh_sizes, monkeypatch)
 
