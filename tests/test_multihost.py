@@ -6,8 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -65,7 +63,6 @@ def _train(workdir: str, num_steps: int) -> list[str]:
     return outputs
 
 
-@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     workdir = str(tmp_path / "run")
     first = _train(workdir, num_steps=1)
