@@ -1,5 +1,7 @@
 """ModelConfig from config.json (transformers 4.x and 5.x layouts) and the released model shapes."""
 
+import dataclasses
+
 import hf_tiny as H
 import jax
 import numpy as np
@@ -118,5 +120,9 @@ def test_overrides():
     config = ModelConfig.from_hf_dict(released_config("7B"), attention="videonsa", block_count=64)
     assert config.attention.kind == "videonsa" and config.attention.block_count == 64
     assert config.replace(remat="full").remat == "full"
+    attention = dataclasses.replace(config.attention, window_size=32)
+    assert config.replace(attention=attention).attention == attention
     with pytest.raises(ValueError, match="Unknown config override"):
         config.replace(blocks=3)
+    with pytest.raises(ValueError, match="Unknown config override 'text'"):
+        config.replace(text=attention)  # a sub-config of the wrong type

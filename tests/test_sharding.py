@@ -75,7 +75,7 @@ def test_sharded_step_equals_single_device_step():
     config, model_config = _tiny_setup()
     model = nnx.eval_shape(state_lib.model_factory(model_config, config))
     rng = np.random.default_rng(0)
-    host = inputs_lib.stack([_batch(model, rng), _batch(model, rng)])  # 2 micro-batches
+    host, _ = inputs_lib.stack([_batch(model, rng), _batch(model, rng)])  # 2 micro-batches
 
     single = create_mesh({"data": 1}, devices=jax.devices()[:1])
     loss_1, grads_1, _ = _sgd_step(config, model_config, single, host)

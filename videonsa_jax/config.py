@@ -119,13 +119,17 @@ class ModelConfig:
     def replace(self, **overrides: Any) -> ModelConfig:
         """Returns a copy with `overrides` applied.
 
-        Keys may name a field of ModelConfig, of its `attention` (e.g. `block_count`, `window_size`,
-        `attention=` for the kind), `text` or `vision` sub-config. An unknown key raises ValueError.
+        Keys may name a field of ModelConfig (`attention` / `text` / `vision` take a whole
+        sub-config; `attention="videonsa"` sets the kind), or of its `attention` (e.g.
+        `block_count`, `window_size`), `text` or `vision` sub-config. An unknown key raises
+        ValueError.
         """
         top, sub = {}, {"attention": {}, "text": {}, "vision": {}}
         for key, value in overrides.items():
             if key == "attention" and isinstance(value, str):
                 sub["attention"]["kind"] = _check_kind(value)
+            elif key in sub and isinstance(value, _SUBCONFIGS[key]):
+                top[key] = value
             elif key in _field_names(ModelConfig) and key not in sub:
                 top[key] = value
             else:

@@ -263,10 +263,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     signals = _install_sigterm_handler()
     num_steps = config.train.num_steps
     logging.info("training steps %d..%d", start + 1, num_steps)
+    sizes = None  # ViT group / text-row sizes so far: they only grow (few recompiles)
     for step in range(start + 1, num_steps + 1):
         progress.start_step()
         micro = [next(train_iter) for _ in range(config.train.grad_accum)]
-        host = inputs_lib.stack([inputs_lib.model_batch(model, b, num_patches) for b in micro])
+        host, sizes = inputs_lib.stack(
+            [inputs_lib.model_batch(model, b, num_patches) for b in micro], sizes
+        )
         batch = inputs_lib.device_put(host, inputs_lib.shardings(host, mesh, rules, leading=1))
         state, step_metrics = train_step(state, rest, batch)
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

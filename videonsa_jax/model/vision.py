@@ -146,6 +146,31 @@ def prepare_vision_layout(
     )
 
 
+def pad_layout(
+    layout: VisionLayout, *, num_windows: int, num_slices: int, slice_len: int
+) -> VisionLayout:
+    """The same groups in larger arrays: extra window / slice groups and slice slots are invalid.
+
+    Lets batches with different grids share one jitted shape (each size must be >= the layout's).
+    """
+    w, s, length = layout.window_index.shape[0], *layout.full_index.shape
+    for name, value, have in (
+        ("num_windows", num_windows, w),
+        ("num_slices", num_slices, s),
+        ("slice_len", slice_len, length),
+    ):
+        _at_least(value, have, name)
+    pad = lambda x, groups, slots: np.pad(x, ((0, groups - x.shape[0]), (0, slots - x.shape[1])))
+    inverse = np.asarray(layout.full_inverse)
+    return layout.replace(
+        window_index=pad(layout.window_index, num_windows, layout.window_index.shape[1]),
+        window_valid=pad(layout.window_valid, num_windows, layout.window_valid.shape[1]),
+        full_index=pad(layout.full_index, num_slices, slice_len),
+        full_valid=pad(layout.full_valid, num_slices, slice_len),
+        full_inverse=(inverse // length * slice_len + inverse % length).astype(np.int32),
+    )
+
+
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
 

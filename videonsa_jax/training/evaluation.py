@@ -68,10 +68,14 @@ def evaluate(
     """Multiple-choice accuracy over `batches` (collated eval batches with choices/answer_index)."""
     correct = total = 0
     per_task: dict[str, list[int]] = {}
+    sizes = None  # shared ViT group / text-row sizes: few compilations of eval_step
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        model_inputs = inputs_lib.model_batch(model, batch, num_patches)["inputs"]
+        (padded,), sizes = inputs_lib.uniform_sizes(
+            [inputs_lib.model_batch(model, batch, num_patches)], sizes
+        )
+        model_inputs = padded["inputs"]
         sharded = inputs_lib.device_put(
             model_inputs, inputs_lib.shardings(model_inputs, mesh, rules)
         )
