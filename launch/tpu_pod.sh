@@ -17,7 +17,7 @@ ACCELERATOR="${ACCELERATOR:-v5p-128}"             # 64 chips: configs/long128k.p
 RUNTIME="${RUNTIME:-v2-alpha-tpuv5}"
 CONFIG="${CONFIG:-configs/long128k.py:v5p}"
 RUN="${RUN:-long128k}"
-REPO="${REPO:-https://github.com/videonsa/videonsa-jax.git}"
+REPO="${REPO:-https://github.com/videonsa-jax/videonsa-jax.git}"  # or your fork
 
 tpu_ssh() {
   gcloud compute tpus tpu-vm ssh "$NAME" --project="$PROJECT" --zone="$ZONE" --worker=all \
