@@ -1,22 +1,27 @@
 """NSA Pallas GPU kernels: correctness vs the plain-JAX reference, then the timing table.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/nsa_kernels.py [--seqs 8192,32768,...]
-        [--check-seqs 8192,32768] [--no-check] [--no-time] [--no-dense]
+        [--check-seqs 8192,32768] [--no-check] [--no-time] [--no-dense] [--profile 8192,131072]
 
 Config: B=1, 28 query / 4 KV heads, D=128, block 64, 32 blocks, window 256, bf16, random inputs.
 Checks: bf16 outputs (and fwd+bwd at the smallest check length) vs `nsa_reference`; block indices
 on fp32 inputs vs `reference.select_blocks` (rows that differ are reported with their importance
 gap, to tell near-ties from bugs). Timings: median of jitted calls (block_until_ready), ours fwd and
 fwd+bwd, per branch fwd/bwd with effective TFLOP/s (useful matmul FLOPs only), cuDNN dense causal
-fwd/fwd+bwd, peak extra memory of our fwd+bwd. Prints markdown tables. Imports only jax/numpy.
+fwd/fwd+bwd, peak extra memory of our fwd+bwd. Prints markdown tables. --profile: device time per
+kernel of each branch (JAX profiler trace). Imports only jax/numpy.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gzip
+import json
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -28,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.nsa import gpu_flash, gpu_selection, reference  # noqa: E402
+from pallas_kernels.nsa import gpu_topk as select_module  # noqa: E402
 from pallas_kernels.nsa.gpu import nsa_branches, nsa_gpu  # noqa: E402
 from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 
@@ -75,7 +81,10 @@ def inputs(t: int, dtype, seed: int = 0):
 
 
 def rel(a, b) -> float:
+    """||a - b|| / ||b||; equal infinities (lse of a query that sees nothing) count as 0."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    same_inf = (a == b) & np.isinf(b)
+    a, b = np.where(same_inf, 0.0, a), np.where(same_inf, 0.0, b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
@@ -141,35 +150,51 @@ def check(t: int, grads: bool) -> None:
         )
 
 
-def branch_times(t: int) -> dict[str, float]:
-    """Per-branch forward and backward times (ms)."""
+def branch_fns(t: int) -> tuple[dict, dict]:
+    """Jitted per-branch functions at length t and their arguments: name -> fn, name -> args."""
     q, k, v, _, do = inputs(t, jnp.bfloat16)
     off = jnp.zeros((1,), jnp.int32)
     kc, vc = reference.mean_pool(k, BS), reference.mean_pool(v, BS)
     fl = dict(scale=SCALE, block_size=BS, window=W, interpret=False)
-    cmp_f = jax.jit(functools.partial(gpu_flash.flash_fwd, mode="cmp", **fl))
-    swa_f = jax.jit(functools.partial(gpu_flash.flash_fwd, mode="swa", **fl))
-    topk = jax.jit(
-        functools.partial(select_blocks, block_size=BS, block_count=S, scale=SCALE, interpret=False)
-    )
     sl = dict(scale=SCALE, block_size=BS, interpret=False)
-    slc_f = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))
-    cmp_b = jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl))
-    swa_b = jax.jit(functools.partial(gpu_flash.flash_bwd, mode="swa", **fl))
-    slc_b = jax.jit(functools.partial(gpu_selection.selection_bwd, **sl))
-    out = {}
-    o_c, lse_c = cmp_f(q, kc, vc, off)
-    out["cmp"] = bench(cmp_f, q, kc, vc, off)
-    idx = topk(q, kc, lse_c, off)
-    out["topk"] = bench(topk, q, kc, lse_c, off)
-    o_s, lse_s = slc_f(q, k, v, idx, off)
-    out["slc"] = bench(slc_f, q, k, v, idx, off)
-    o_w, lse_w = swa_f(q, k, v, off)
-    out["swa"] = bench(swa_f, q, k, v, off)
-    out["cmp_bwd"] = bench(cmp_b, q, kc, vc, o_c, lse_c, do, off, n=5)
-    out["slc_bwd"] = bench(slc_b, q, k, v, idx, o_s, lse_s, do, off, n=5)
-    out["swa_bwd"] = bench(swa_b, q, k, v, o_w, lse_w, do, off, n=5)
-    return out
+    fns = {
+        "cmp": jax.jit(functools.partial(gpu_flash.flash_fwd, mode="cmp", **fl)),
+        "topk": jax.jit(
+            functools.partial(
+                select_blocks,
+                block_size=BS,
+                block_count=S,
+                scale=SCALE,
+                interpret=False,
+                static_offset=0,
+            )
+        ),
+        "slc": jax.jit(functools.partial(gpu_selection.selection_fwd, **sl)),
+        "swa": jax.jit(functools.partial(gpu_flash.flash_fwd, mode="swa", **fl)),
+        "cmp_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl)),
+        "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),
+        "swa_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="swa", **fl)),
+    }
+    o_c, lse_c = fns["cmp"](q, kc, vc, off)
+    idx = fns["topk"](q, kc, lse_c, off)
+    o_s, lse_s = fns["slc"](q, k, v, idx, off)
+    o_w, lse_w = fns["swa"](q, k, v, off)
+    args = {
+        "cmp": (q, kc, vc, off),
+        "topk": (q, kc, lse_c, off),
+        "slc": (q, k, v, idx, off),
+        "swa": (q, k, v, off),
+        "cmp_bwd": (q, kc, vc, o_c, lse_c, do, off),
+        "slc_bwd": (q, k, v, idx, o_s, lse_s, do, off),
+        "swa_bwd": (q, k, v, o_w, lse_w, do, off),
+    }
+    return fns, args
+
+
+def branch_times(t: int) -> dict[str, float]:
+    """Per-branch forward and backward times (ms)."""
+    fns, args = branch_fns(t)
+    return {n: bench(f, *args[n], n=5 if n.endswith("_bwd") else 10) for n, f in fns.items()}
 
 
 def timings(seqs: list[int], dense: bool) -> None:
@@ -254,31 +279,106 @@ def print_tables(rows: list[str], split_rows: list[str]) -> None:
     print("\n".join(split_rows))
 
 
+def device_kernels(fn, *args, calls: int = 3) -> list[tuple[str, float]]:
+    """Per-kernel device time (ms per call) of a jitted fn, read from a JAX profiler trace."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        (path,) = Path(d).glob("**/perfetto_trace.json.gz")
+        events = json.load(gzip.open(path))["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"
+    }
+    gpu = {key: n for key, n in threads.items() if "GPU" in procs.get(key[0], "")}
+    streams = {key for key, n in gpu.items() if "Stream" in n} or set(gpu)  # kernel lines
+    total: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+            total[e["name"]] += e["dur"] / 1e3 / calls
+    return sorted(total.items(), key=lambda x: -x[1])
+
+
+def profile(t: int) -> None:
+    """Device time per kernel of each branch (and of the whole fwd+bwd) at length t."""
+    fns, args = branch_fns(t)
+    q, k, v, gates, do = inputs(t, jnp.bfloat16)
+
+    def loss(q, k, v, a, b, c):
+        return jnp.sum(nsa_gpu(q, k, v, a, b, c, **KW).astype(jnp.float32) * do.astype(jnp.float32))
+
+    fns["nsa fwd+bwd"] = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+    args["nsa fwd+bwd"] = (q, k, v, *gates)
+    for name, fn in fns.items():
+        kernels = device_kernels(fn, *args[name])
+        top = "; ".join(f"{n[:60]} {ms:.2f}" for n, ms in kernels[:12])
+        print(f"profile T={t} {name}: sum {sum(ms for _, ms in kernels):.2f} ms: {top}", flush=True)
+
+
+FLASH_FWD = [
+    {},
+    {"FWD_LAUNCH": (8, 3)},
+    {"FWD_KEYS": 128},
+    {"FWD_KEYS": 128, "FWD_LAUNCH": (8, 3)},
+    {"FWD_ROWS": 64, "FWD_LAUNCH": (4, 2)},
+    {"FWD_ROWS": 256},
+]
+FLASH_BWD = [
+    {},
+    {"DQ_LAUNCH": (8, 3)},
+    {"DQ_KEYS": 128},
+    {"DQ_ROWS": 64, "DQ_LAUNCH": (4, 2)},
+    {"BWD_LAUNCH": (4, 3)},
+    {"BWD_LAUNCH": (8, 2)},
+    {"BWD_KEYS": 128, "BWD_LAUNCH": (8, 2)},
+    {"BWD_ROWS": 128, "BWD_LAUNCH": (8, 2)},
+]
+SWEEP = {  # branch -> (module, variants of its tile / launch constants; the first is the default)
+    "cmp": (gpu_flash, FLASH_FWD),
+    "swa": (gpu_flash, FLASH_FWD),
+    "cmp_bwd": (gpu_flash, FLASH_BWD),
+    "swa_bwd": (gpu_flash, FLASH_BWD),
+    "topk": (
+        select_module,
+        [
+            {},
+            {"SCORE_LAUNCH": (4, 3)},
+            {"SCORE_LAUNCH": (8, 2)},
+            {"SCORE_TOKENS": 128, "SCORE_LAUNCH": (8, 2)},
+            {"SCORE_BLOCKS": 128},
+            {"SCORE_BLOCKS": 32},
+        ],
+    ),
+}
+
+
 def sweep(t: int) -> None:
-    """Selection backward at one length over query-chunk sizes (max differences vs the first)."""
-    q, k, v, _, do = inputs(t, jnp.bfloat16)
-    off = jnp.zeros((1,), jnp.int32)
-    kc = reference.mean_pool(k, BS)
-    _, lse = jax.jit(
-        functools.partial(
-            gpu_flash.flash_fwd, mode="cmp", scale=SCALE, block_size=BS, window=W, interpret=False
-        )
-    )(q, kc, kc, off)
-    idx = jax.jit(
-        functools.partial(select_blocks, block_size=BS, block_count=S, scale=SCALE, interpret=False)
-    )(q, kc, lse, off)
-    sl = dict(scale=SCALE, block_size=BS, interpret=False)
-    o, lse_s = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))(q, k, v, idx, off)
-    args = (q, k, v, idx, o, lse_s, do, off)
-    first = None
-    for chunk in (16384, 13120, 10944):
-        f = jax.jit(functools.partial(gpu_selection.selection_bwd, chunk=chunk, **sl))
-        new = f(*args)
-        first = first or new
-        diff = " ".join(f"{n} {rel(a, b):.1e}" for n, a, b in zip("qkv", new, first, strict=True))
-        ms = bench(f, *args, n=5)
-        print(f"sweep T={t}: selection bwd chunk {chunk}: {ms:.2f} ms ({diff})", flush=True)
-        del f, new
+    """Tile / launch variants of the flash kernels and the top-k score kernel at length t: ms and
+    the difference vs the default (rel. error; top-k: rows that differ)."""
+    fns, args = branch_fns(t)
+    for name, (module, variants) in SWEEP.items():
+        first = None
+        for var in variants:
+            saved = {key: getattr(module, key) for key in var}
+            for key, val in var.items():
+                setattr(module, key, val)
+            try:
+                f = jax.jit(fns[name].__wrapped__)
+                out = jax.tree.leaves(f(*args[name]))
+                first = first or out
+                if name == "topk":
+                    diff = f"{int(np.sum(np.any(out[0] != first[0], axis=-1)))} rows differ"
+                else:
+                    diff = " ".join(f"{rel(a, b):.1e}" for a, b in zip(out, first, strict=True))
+                ms = bench(f, *args[name], n=5)
+                print(f"sweep T={t} {name} {var}: {ms:.2f} ms ({diff})", flush=True)
+            except Exception as e:
+                print(f"sweep T={t} {name} {var}: FAILED {e!r}"[:1500], flush=True)
+            finally:
+                for key, val in saved.items():
+                    setattr(module, key, val)
 
 
 def main() -> None:
@@ -288,7 +388,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
-    ap.add_argument("--sweep", type=int, default=0, help="sweep launch parameters at this T")
+    ap.add_argument("--sweep", default="", help="sweep launch parameters at these T (a,b,...)")
+    ap.add_argument("--profile", default="", help="device time per kernel at these T (a,b,...)")
     a = ap.parse_args()
     print("jax", jax.__version__, jax.devices(), flush=True)
     if not a.no_check:
@@ -299,8 +400,10 @@ def main() -> None:
                 print(f"check T={t} FAILED: {e!r}"[:2000], flush=True)
     if not a.no_time:
         timings([int(x) for x in a.seqs.split(",")], dense=not a.no_dense)
-    if a.sweep:  # after the timings: the peak-memory counter is process-wide
-        sweep(a.sweep)
+    for t in [int(x) for x in a.sweep.split(",") if x]:  # after the timings (process-wide peak)
+        sweep(t)
+    for t in [int(x) for x in a.profile.split(",") if x]:
+        profile(t)
 
 
 if __name__ == "__main__":

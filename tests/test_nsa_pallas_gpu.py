@@ -98,6 +98,22 @@ def test_top_k_exact_ties(g=7):
 
 
 @cpu_only
+def test_top_k_static_offset_row_widths(g=5):
+    """Static offset 24, 300 queries, block 8: the select runs on rows of width 16, 32 and 64."""
+    from pallas_kernels.nsa.gpu_topk import _row_widths, select_blocks
+
+    assert [w for _, _, w in _row_widths(300, 40, 8, 24)] == [16, 32, 64]
+    q, k, _, _ = _inputs(300, 324, 1, g, 16, seed=6)
+    kc = reference.mean_pool(k, 8)
+    kw = dict(block_size=8, block_count=4, scale=0.25)
+    _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=0.25, q_offset=24)
+    want = reference.select_blocks(q, kc, lse, q_offset=24, **kw)
+    off = jnp.full((1,), 24, jnp.int32)
+    got = select_blocks(q, kc, lse, off, interpret=True, static_offset=24, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@cpu_only
 @pytest.mark.parametrize("g,chunk", [(1, 16), (5, 8), (7, 64), (8, 8)])
 def test_selection_chunks_values_and_grads(g, chunk):
     """KV-block-major selection forward and backward (fused dK/dV + per-slot dq partials).

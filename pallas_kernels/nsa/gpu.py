@@ -139,6 +139,7 @@ def nsa_branches(
         block_count=block_count,
         scale=scale,
         interpret=interpret,
+        static_offset=q_offset if isinstance(q_offset, int) else None,
     )
     o_slc = _selection(q, k, v, idx, off, cfg)
     o_swa, _ = _flash(q, k, v, off, cfg._replace(mode="swa"))

@@ -44,8 +44,9 @@ from pallas_kernels.nsa.gpu_common import (
 
 Array = jax.Array
 
-FWD_ROWS, FWD_KEYS = 128, 64
-BWD_ROWS, BWD_KEYS = 64, 64
+FWD_ROWS, FWD_KEYS, FWD_LAUNCH = 128, 64, (8, 2)  # packed query rows, keys per step, launch
+DQ_ROWS, DQ_KEYS, DQ_LAUNCH = 128, 64, (8, 2)
+BWD_ROWS, BWD_KEYS, BWD_LAUNCH = 64, 64, (4, 2)  # dk/dv: query rows per step, resident keys
 
 
 def _visible(mode: str, t: Array, j: Array, nk: int, bs: int, w: int) -> Array:
@@ -120,30 +121,30 @@ def _dq_kernel(
     nk, h_kv = k_ref.shape[1], k_ref.shape[2]
     b, h = bh // h_kv, bh % h_kv
     off = off_ref[0]
-    tok, head, valid = packed_rows(tile, FWD_ROWS, g, tq, h)
+    tok, head, valid = packed_rows(tile, DQ_ROWS, g, tq, h)
     t = (off + tok)[:, None]
     q = load_rows(q_ref, b, tok, head, valid)
     do = load_rows(do_ref, b, tok, head, valid)
     lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
     delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
-    tokens = FWD_ROWS // g
+    tokens = DQ_ROWS // g
     t_lo = off + tile * tokens
     t_hi = off + jnp.minimum((tile + 1) * tokens, tq) - 1
     lo, hi = _key_range(mode, t_lo, t_hi, nk, bs, w)
     c = scale * LOG2E
 
     def body(jt, dq):
-        j0 = jt * FWD_KEYS
-        k = load_block(k_ref, b, j0, FWD_KEYS, h, nk)
-        v = load_block(v_ref, b, j0, FWD_KEYS, h, nk)
-        j = (j0 + jnp.arange(FWD_KEYS, dtype=jnp.int32))[None, :]
+        j0 = jt * DQ_KEYS
+        k = load_block(k_ref, b, j0, DQ_KEYS, h, nk)
+        v = load_block(v_ref, b, j0, DQ_KEYS, h, nk)
+        j = (j0 + jnp.arange(DQ_KEYS, dtype=jnp.int32))[None, :]
         mask = _visible(mode, t, j, nk, bs, w)
         p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta)
         return dq + dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(
-        lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS, body, jnp.zeros((FWD_ROWS, d), jnp.float32)
+        lo // DQ_KEYS, (hi + DQ_KEYS - 1) // DQ_KEYS, body, jnp.zeros((DQ_ROWS, d), jnp.float32)
     )
     store_rows(dq_ref, b, tok, head, valid, dq * scale)
 
@@ -222,7 +223,7 @@ def flash_fwd(
     kern = functools.partial(_fwd_kernel, **_static(mode, g, scale, block_size, window))
     grid = (pl.cdiv(tq, FWD_ROWS // g), bsz * h)
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
-    return call(kern, grid, out, interpret, 8, 2, off, q, k, v)
+    return call(kern, grid, out, interpret, *FWD_LAUNCH, off, q, k, v)
 
 
 def flash_bwd(
@@ -248,11 +249,10 @@ def flash_bwd(
     st = _static(mode, g, scale, block_size, window)
     dq = call(
         functools.partial(_dq_kernel, **st),
-        (pl.cdiv(tq, FWD_ROWS // g), bsz * h),
+        (pl.cdiv(tq, DQ_ROWS // g), bsz * h),
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret,
-        8,
-        2,
+        *DQ_LAUNCH,
         off,
         q,
         k,
@@ -269,8 +269,7 @@ def flash_bwd(
         (pl.cdiv(nk, BWD_KEYS), bsz * h, splits),
         (part, part),
         interpret,
-        4,
-        2,
+        *BWD_LAUNCH,
         off,
         q,
         k,

@@ -8,14 +8,15 @@ blocks n > cur are invalid (-1). The sum ranks exactly like the reference's mean
             heads' probabilities (loop over heads inside the loop over block tiles; the [64, D]
             query tile of one head comes from L1/L2), then writes fp32 importance
             [B, H, Tq, NB] (only the causal part each tile can see: ~half of T*NB*4 bytes per H).
-    select  grid (cdiv(Tq, M), B*H), M = 8192 // NBp rows: the whole importance row [M, NBp]
-            (NBp = next pow2 of NB) sits in registers. A bisection on the fp32 bit pattern finds
-            the S-th largest value (a while loop of row counts, ~20 rounds, stopping as soon as
-            exactly S values lie above the cut); exact ties at the cut take the lowest block
-            indices (a second bisection on the index, run only if a row has a tie), like
-            lax.top_k. A cumsum over the chosen mask gives each block its slot: ascending block
-            order with -1 padding, as `reference.select_blocks` does. (The former S rounds of
-            argmax took 17.0 of 22.9 ms at 128K.)
+    select  grid (cdiv(Tq, M), B*H), M = min(16, 4096 // W) rows: the rows [M, W] sit in
+            registers, W = NBp (next pow2 of NB), or, when the query offset is static, the
+            narrowest power of two >= 16 covering the blocks the tokens can see: one launch per
+            token range of equal W (2/3 of the work of full rows at 128K). A bisection on the
+            fp32 bit pattern finds the S-th largest value (a while loop of row counts, ~20
+            rounds, stopping as soon as exactly S values lie above the cut); exact ties at the
+            cut take the lowest block indices (a second bisection on the index, run only if a
+            row has a tie), like lax.top_k. A cumsum over the chosen mask gives each block its
+            slot: ascending block order with -1 padding, as `reference.select_blocks` does.
 Memory: the importance buffer, B*H*Tq*NB*4 bytes (4.3 GB at 128K, 4 KV heads), freed after select.
 """
 
@@ -33,7 +34,8 @@ from pallas_kernels.nsa.gpu_common import call, dot, next_pow2
 
 Array = jax.Array
 
-SCORE_TOKENS, SCORE_BLOCKS = 64, 64
+SCORE_TOKENS, SCORE_BLOCKS, SCORE_LAUNCH = 64, 64, (4, 2)  # tile, (num_warps, num_stages)
+SELECT_ELEMS, SELECT_WARPS = 4096, 4  # importance values per select program, its warps
 
 
 def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
@@ -81,16 +83,18 @@ def _count(mask: Array) -> Array:
     return jnp.sum(mask.astype(jnp.int32), axis=1)
 
 
-def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs):
+def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs, i0):
+    """Rows i0 .. i0 + L - 1 of the importance -> idx_ref [B, L, H, S]; nbp: the row width."""
     tile, bh = pl.program_id(0), pl.program_id(1)
     _, h_kv, tq, nb = imp_ref.shape
-    _, _, _, s_total = idx_ref.shape
+    _, n_rows, _, s_total = idx_ref.shape
     b, h = bh // h_kv, bh % h_kv
     off = off_ref[0]
     i = tile * rows + jnp.arange(rows, dtype=jnp.int32)
-    valid = i < tq
-    tok = jnp.where(valid, i, tq)
-    cur = ((off + i) // bs)[:, None]
+    valid = i < n_rows
+    loc = jnp.where(valid, i, n_rows)
+    tok = jnp.where(valid, i0 + i, tq)
+    cur = ((off + i0 + i) // bs)[:, None]
     n = jnp.arange(nbp, dtype=jnp.int32)[None, :]
     imp = plgpu.load(
         imp_ref.at[b, h, tok[:, None], n], mask=valid[:, None] & (n <= cur) & (n < nb), other=-1.0
@@ -142,17 +146,33 @@ def _select_kernel(off_ref, imp_ref, idx_ref, *, rows, nbp, count, bs):
     chosen_i = chosen.astype(jnp.int32)
     rank = jnp.where(chosen, jnp.cumsum(chosen_i, axis=1) - chosen_i, s_total)
     plgpu.store(
-        idx_ref.at[b, tok[:, None], h, rank],
+        idx_ref.at[b, loc[:, None], h, rank],
         jnp.broadcast_to(n, (rows, nbp)),
         mask=valid[:, None] & chosen,
     )
     slot = jnp.arange(next_pow2(s_total), dtype=jnp.int32)[None, :]
     pad = valid[:, None] & (slot >= _count(chosen)[:, None]) & (slot < s_total)
     plgpu.store(
-        idx_ref.at[b, tok[:, None], h, jnp.where(pad, slot, s_total)],
+        idx_ref.at[b, loc[:, None], h, jnp.where(pad, slot, s_total)],
         jnp.full(pad.shape, -1, jnp.int32),
         mask=pad,
     )
+
+
+def _row_widths(tq: int, nb: int, bs: int, off: int | None) -> list[tuple[int, int, int]]:
+    """Token ranges [i0, i1) with the power-of-two row width W their visible blocks need.
+
+    Token i sees blocks n <= (off + i) // bs, so width W covers every i < W*bs - off. Without a
+    static offset: one range of width NBp.
+    """
+    nbp = next_pow2(nb)
+    out, i0, w = [], 0, 16
+    while i0 < tq:
+        i1 = tq if off is None or w >= nbp else min(tq, max(i0, w * bs - off))
+        if i1 > i0:
+            out.append((i0, i1, min(w, nbp)))
+        i0, w = i1, w * 2
+    return out
 
 
 def select_blocks(
@@ -165,8 +185,12 @@ def select_blocks(
     block_count: int,
     scale: float,
     interpret: bool,
+    static_offset: int | None = None,
 ) -> Array:
-    """int32 [B, Tq, H, S] selected blocks (ascending, -1 padded); no gradient."""
+    """int32 [B, Tq, H, S] selected blocks (ascending, -1 padded); no gradient.
+
+    static_offset: the value of `off` when known at trace time (narrower select rows).
+    """
     bsz, tq, hq, _ = q.shape
     nb, h = kc.shape[1], kc.shape[2]
     g = hq // h
@@ -175,24 +199,25 @@ def select_blocks(
         (pl.cdiv(tq, SCORE_TOKENS), bsz * h),
         jax.ShapeDtypeStruct((bsz, h, tq, nb), jnp.float32),
         interpret,
-        4,
-        2,
+        *SCORE_LAUNCH,
         off,
         q,
         kc,
         lse,
     )
-    nbp = next_pow2(nb)
-    rows = max(1, min(16, 8192 // nbp))
-    return call(
-        functools.partial(
-            _select_kernel, rows=rows, nbp=nbp, count=min(block_count, nb), bs=block_size
-        ),
-        (pl.cdiv(tq, rows), bsz * h),
-        jax.ShapeDtypeStruct((bsz, tq, h, block_count), jnp.int32),
-        interpret,
-        4,
-        1,
-        off,
-        imp,
-    )
+    parts = []
+    for i0, i1, width in _row_widths(tq, nb, block_size, static_offset):
+        rows = max(1, min(16, SELECT_ELEMS // width))
+        kern = functools.partial(
+            _select_kernel,
+            rows=rows,
+            nbp=width,
+            count=min(block_count, nb),
+            bs=block_size,
+            i0=i0,
+        )
+        out = jax.ShapeDtypeStruct((bsz, i1 - i0, h, block_count), jnp.int32)
+        parts.append(
+            call(kern, (pl.cdiv(i1 - i0, rows), bsz * h), out, interpret, SELECT_WARPS, 1, off, imp)
+        )
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
