@@ -1,5 +1,8 @@
 """Self-attention of a decoder layer and its variants ("dense"; "videonsa*" in `videonsa.py`).
 
+"dense" runs cuDNN flash attention on GPU in bf16/fp16 without a KV cache
+(`cudnn_causal_attention`), else the chunked XLA `dense_attention`.
+
 `Attention.__call__` projects q/k/v, applies M-RoPE, writes the KV cache, then calls `_attend`, the
 one place where the attention kinds differ. Everything a variant needs is at hand there: the
 layer's normed input `x`, post-RoPE `q`/`k`/`v`, and the per-forward `AttentionBatch` (vision-row
@@ -21,6 +24,9 @@ from videonsa_jax.parallel import context as context_lib
 
 # Finite, so that fully masked rows (padding queries) give a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Cap on a query chunk's fp32 logits in `dense_attention`, per batch row: 1024 queries x 128K keys
+# x 28 heads would be 15 GiB (the VideoNSA text rows at 128K).
+_CHUNK_LOGITS_BYTES = 2**30
 
 
 class AttentionBatch(NamedTuple):
@@ -66,7 +72,8 @@ def dense_attention(
 ) -> jax.Array:
     """Causal grouped-query attention with an fp32 softmax.
 
-    Queries are processed in rematerialised chunks of `chunk_size`, so memory (forward and
+    Queries are processed in rematerialised chunks of `chunk_size` (fewer where a chunk's fp32
+    logits, chunk x S x Hq x 4 bytes per batch row, would pass 1 GiB), so memory (forward and
     backward) grows as chunk_size * S, not T * S.
 
     Args:
@@ -79,6 +86,7 @@ def dense_attention(
         [B, T, Hq, D] in q.dtype.
     """
     t = q.shape[1]
+    chunk_size = max(1, min(chunk_size, _CHUNK_LOGITS_BYTES // (4 * k.shape[1] * q.shape[2])))
     if t <= chunk_size:
         return _dense_chunk(q, k, v, q_index, kv_valid)
     n = -(-t // chunk_size)
@@ -90,6 +98,29 @@ def dense_attention(
     out = jax.lax.map(step, (qc, ic))  # [n, B, chunk, Hq, D]
     out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk_size, *q.shape[2:])
     return out[:, :t]
+
+
+def cudnn_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    """Causal GQA of T tokens over themselves with cuDNN flash attention (GPU, bf16/fp16).
+
+    The same function as `dense_attention` with q_index = arange(T), provided kv_valid is a
+    right-padding prefix mask (each row's valid keys come first): cuDNN takes key validity as
+    per-row lengths. That is the layout of training batches and of `generate.pad_prompts`.
+    Padding query rows see every valid key, as in `dense_attention` (no query lengths).
+
+    Args:
+        q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with Hq % Hkv == 0.
+        kv_valid: [B, T] bool, a prefix of True per row.
+
+    Returns:
+        [B, T, Hq, D] in q.dtype.
+    """
+    lengths = jnp.maximum(jnp.sum(kv_valid, axis=1, dtype=jnp.int32), 1)  # all-padding rows: 1
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
 
 
 def _dense_chunk(q, k, v, q_index, kv_valid):
@@ -154,7 +185,11 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """The attention kinds: q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
         if self.kind == "dense":
-            if context_lib.context_size() > 1 and k.shape[1] == q.shape[1]:  # sequence parallel
+            self_attention = k.shape[1] == q.shape[1]  # no cache, or a prefill filling it
+            if context_lib.context_size() > 1 and self_attention:  # sequence parallel
                 return context_lib.dense_attention(q, k, v, batch.kv_valid)
+            fast = q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
+            if self_attention and fast:  # q_index == arange(T)
+                return cudnn_causal_attention(q, k, v, batch.kv_valid)
             return dense_attention(q, k, v, q_index=batch.q_index, kv_valid=batch.kv_valid)
         return videonsa.attend(self, x, q, k, v, batch)
