@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.nsa import gpu_rows
 from videonsa_jax.config import ModelConfig
 from videonsa_jax.model import rope, videonsa
 from videonsa_jax.model.layers import Linear
@@ -98,6 +99,34 @@ def dense_attention(
     out = jax.lax.map(step, (qc, ic))  # [n, B, chunk, Hq, D]
     out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk_size, *q.shape[2:])
     return out[:, :t]
+
+
+def rows_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    """Causal GQA of n gathered query rows with per-row key limits (the VideoNSA text rows).
+
+    On GPU in bf16/fp16 the Pallas flash kernel `gpu_rows.rows_attention` (no [n, S] array);
+    elsewhere `dense_attention` per batch row (fp32 logits of <= 1 GiB per chunk). Both give a
+    row that sees no valid key the mean of v over all keys.
+
+    Args:
+        q: [B, n, Hq, D] query rows; k, v: [B, S, Hkv, D].
+        q_index: [B, n] row i sees keys s <= q_index[b, i]; kv_valid: [B, S] bool.
+
+    Returns:
+        [B, n, Hq, D] in q.dtype.
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return gpu_rows.rows_attention(q, k, v, q_index, kv_valid)
+
+    def one(q_b, k_b, v_b, index_b, valid_b):
+        out = dense_attention(
+            q_b[None], k_b[None], v_b[None], q_index=index_b, kv_valid=valid_b[None]
+        )
+        return out[0]
+
+    return jax.vmap(one)(q, k, v, q_index, kv_valid)
 
 
 def cudnn_causal_attention(

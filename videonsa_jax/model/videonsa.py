@@ -143,7 +143,7 @@ def text_rows(
 
 
 def dense_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, batch: Any) -> jax.Array:
-    """Dense causal GQA for the query rows `rows` only: O(n * S) work and memory per chunk.
+    """Dense causal GQA for the query rows `rows` only (`attention.rows_attention`): O(n * S).
 
     Args:
         q: [B, T, HQ, D]; k, v: [B, S, H, D].
@@ -155,15 +155,7 @@ def dense_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, batch:
     """
     safe = jnp.minimum(rows, q.shape[1] - 1)
     q_rows = jnp.take_along_axis(q, safe[:, :, None, None], axis=1)
-    q_index = batch.q_index[safe]  # [B, n]
-
-    def one(q_b, k_b, v_b, index_b, valid_b):
-        out = attention_lib.dense_attention(
-            q_b[None], k_b[None], v_b[None], q_index=index_b, kv_valid=valid_b[None]
-        )
-        return out[0]
-
-    return jax.vmap(one)(q_rows, k, v, q_index, batch.kv_valid)
+    return attention_lib.rows_attention(q_rows, k, v, batch.q_index[safe], batch.kv_valid)
 
 
 def _scatter_rows(out: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:

@@ -169,18 +169,6 @@ def _gather(x: Array) -> Array:
     return lax.all_gather(x, CONTEXT, axis=1, tiled=True)
 
 
-def _dense_rows(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Array) -> Array:
-    """Dense causal GQA per batch row: q [B, n, HQ, D], q_index [B, n] global key slots."""
-
-    def one(q_b, k_b, v_b, index_b, valid_b):
-        out = attention_lib.dense_attention(
-            q_b[None], k_b[None], v_b[None], q_index=index_b, kv_valid=valid_b[None]
-        )
-        return out[0]
-
-    return jax.vmap(one)(q, k, v, q_index, kv_valid)
-
-
 def _text_rows_attention(
     q: Array, k: Array, v: Array, kv_valid: Array, rows: Array, offset: Array, cp: int
 ) -> tuple[Array, Array]:
@@ -205,7 +193,7 @@ def _text_rows_attention(
     start = lax.axis_index(CONTEXT) * share
     q_mine = lax.dynamic_slice_in_dim(q_text, start, share, axis=1)
     rows_mine = lax.dynamic_slice_in_dim(rows, start, share, axis=1)
-    out = _dense_rows(q_mine, k, v, rows_mine, kv_valid)
+    out = attention_lib.rows_attention(q_mine, k, v, rows_mine, kv_valid)
     return _gather(out), local
 
 
