@@ -1,10 +1,14 @@
 """Two CPU processes on localhost (jax.distributed, gloo collectives) train the tiny config through
-the train CLI on one mesh (fsdp 2 x context 2 over 2 x 2 devices), checkpoint, and resume."""
+the train CLI on one mesh (fsdp 2 x context 2 over 2 x 2 devices), each reading only its own batch
+rows, checkpoint, and resume; with context 4 the two processes share (and both read) all rows."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir: str, num_steps: int) -> list[str]:
+def _train(workdir: str, num_steps: int, fsdp: int = 2, context: int = 2) -> list[str]:
     """Runs the CLI in 2 processes; returns their outputs (asserting they succeed)."""
     port = _free_port()
     flags = [
@@ -33,8 +37,8 @@ def _train(workdir: str, num_steps: int) -> list[str]:
         "--config.data.max_length=90",
         "--config.data.shuffle=False",
         "--config.mesh.data=1",
-        "--config.mesh.fsdp=2",
-        "--config.mesh.context=2",
+        f"--config.mesh.fsdp={fsdp}",
+        f"--config.mesh.context={context}",
     ]
     procs = []
     for i in range(2):
@@ -63,11 +67,25 @@ def _train(workdir: str, num_steps: int) -> list[str]:
     return outputs
 
 
+def _rows(outputs: list[str]) -> list[str]:
+    """Each process's "reads batch rows [a, b) of B" log line."""
+    return [re.search(r"process \d reads batch rows .*", out).group() for out in outputs]
+
+
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     workdir = str(tmp_path / "run")
     first = _train(workdir, num_steps=1)
     assert "2 processes" in first[0], first[0][-2000:]
+    own_rows = ["process 0 reads batch rows [0, 1) of 2", "process 1 reads batch rows [1, 2) of 2"]
+    assert _rows(first) == own_rows
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
     second = _train(workdir, num_steps=2)
     assert "training steps 2..2" in second[0], second[0][-2000:]
+    assert _rows(second) == own_rows
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+@pytest.mark.slow  # ~80 s; the test above runs the same path in the CPU suite
+def test_two_processes_sharing_the_batch_rows(tmp_path):
+    outputs = _train(str(tmp_path / "run"), num_steps=1, fsdp=1, context=4)
+    assert _rows(outputs) == [f"process {i} reads batch rows [0, 2) of 2" for i in range(2)]

@@ -39,7 +39,12 @@ from videonsa_jax.data import (
     make_dataset,
     write_synthetic_tokenizer,
 )
-from videonsa_jax.parallel import context, create_mesh, maybe_initialize_distributed
+from videonsa_jax.parallel import (
+    BatchBlock,
+    context,
+    create_mesh,
+    maybe_initialize_distributed,
+)
 from videonsa_jax.processing import chat
 from videonsa_jax.training import checkpointing, configs, evaluation, metrics
 from videonsa_jax.training import inputs as inputs_lib
@@ -139,12 +144,19 @@ def _export(graphdef, state: step_lib.TrainState, rest, tokenizer_dir: str, path
 
 
 def make_datasets(
-    config: ml_collections.ConfigDict, tokenizer: chat.Tokenizer, train_jsonl: str, eval_jsonl: str
+    config: ml_collections.ConfigDict,
+    tokenizer: chat.Tokenizer,
+    train_jsonl: str,
+    eval_jsonl: str,
+    block: BatchBlock,
 ) -> tuple[Any, Any]:
     """(the training iterator, the eval dataset or None).
 
-    Every process reads the whole global batch (see training/inputs.py); the eval split is read
-    without the answers (DataConfig.train=False), once per evaluation.
+    The training data is read in `block.count` shards: this process reads shard `block.index`
+    in batches of `block.rows` rows, the rows of the global batch its devices hold (see
+    training/inputs.py); processes that share a block read the same records. Every process
+    reads the whole eval split, without the answers (DataConfig.train=False), once per
+    evaluation.
     """
     d = config.data
     data_config = DataConfig(
@@ -160,11 +172,11 @@ def make_datasets(
         JsonlSource(train_jsonl, media_root),
         tokenizer,
         data_config,
-        batch_size=d.batch_size,
+        batch_size=block.rows,
         seed=config.seed,
         shuffle=d.shuffle,
-        shard_index=0,
-        shard_count=1,
+        shard_index=block.index,
+        shard_count=block.count,
         worker_count=d.worker_count,
         read_threads=d.read_threads,
     )
@@ -182,6 +194,13 @@ def make_datasets(
             read_threads=d.read_threads,
         )
     return iter(train_ds), eval_ds
+
+
+def _global_counts(block: BatchBlock, *counts: float) -> np.ndarray:
+    """Sums per-process counts over the batch blocks (processes sharing a block count once)."""
+    table = multihost_utils.process_allgather(np.asarray([block.index, *counts], np.float64))
+    _, first = np.unique(table[:, 0], return_index=True)
+    return table[first, 1:].sum(0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -210,8 +229,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info("model: %s attention, %.1fM parameters", model_config.attention.kind,
                  num_params / 1e6)  # fmt: skip
 
-    train_iter, eval_ds = make_datasets(config, tokenizer, train_jsonl, eval_jsonl)
+    placement = inputs_lib.Placement.of_process(mesh, rules, config.data.batch_size)
+    block = placement.block
+    logging.info("process %d reads batch rows [%d, %d) of %d", jax.process_index(),
+                 block.index * block.rows, (block.index + 1) * block.rows,
+                 config.data.batch_size)  # fmt: skip
+    train_iter, eval_ds = make_datasets(config, tokenizer, train_jsonl, eval_jsonl, block)
     num_patches = config.data.num_patches or 4 * config.data.max_length * config.data.batch_size
+    unit = model_config.vision.spatial_merge_size**2
+    block_patches = placement.num_patches(num_patches, unit)
 
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -268,14 +294,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
         progress.start_step()
         micro = [next(train_iter) for _ in range(config.train.grad_accum)]
         host, sizes = inputs_lib.stack(
-            [inputs_lib.model_batch(model, b, num_patches) for b in micro], sizes
+            [inputs_lib.model_batch(model, b, block_patches) for b in micro],
+            sizes,
+            placement.shards,
         )
-        batch = inputs_lib.device_put(host, inputs_lib.shardings(host, mesh, rules, leading=1))
+        batch = inputs_lib.place(host, placement, leading=1)
         state, step_metrics = train_step(state, rest, batch)
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        tokens = sum(int(np.sum(b["attention_mask"])) for b in micro)
-        scalars.update(progress.end_step(step, tokens))
-        scalars["skipped_samples"] = float(sum(b["num_skipped"] for b in micro))
+        tokens, skipped = _global_counts(
+            block,
+            sum(int(np.sum(b["attention_mask"])) for b in micro),
+            sum(b["num_skipped"] for b in micro),
+        )
+        scalars.update(progress.end_step(step, int(tokens)))
+        scalars["skipped_samples"] = float(skipped)
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         if scalars["nonfinite"] >= config.train.max_nonfinite_steps:
             raise TrainingError(

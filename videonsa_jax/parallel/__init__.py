@@ -1,6 +1,12 @@
 """Device mesh, logical-axis sharding rules and multi-host setup."""
 
-from videonsa_jax.parallel.mesh import MESH_AXES, create_mesh, maybe_initialize_distributed
+from videonsa_jax.parallel.mesh import (
+    MESH_AXES,
+    BatchBlock,
+    create_mesh,
+    maybe_initialize_distributed,
+    process_batch_block,
+)
 from videonsa_jax.parallel.rules import (
     batch_sharding,
     logical_to_spec,
@@ -9,9 +15,11 @@ from videonsa_jax.parallel.rules import (
 
 __all__ = [
     "MESH_AXES",
+    "BatchBlock",
     "batch_sharding",
     "create_mesh",
     "logical_to_spec",
     "maybe_initialize_distributed",
+    "process_batch_block",
     "state_shardings",
 ]

@@ -3,6 +3,8 @@
 `data` replicates the model and splits the batch; `fsdp` splits the batch and the parameters;
 `context` is reserved for sequence parallelism (activations split along the sequence); `tensor`
 splits heads / MLP / vocab. Axes of size 1 cost nothing, so every run uses the same four names.
+`process_batch_block` says which rows of a global batch this process's devices hold (each
+process reads only those).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
@@ -54,6 +58,45 @@ def create_mesh(
     shape = resolve_mesh_shape([sizes.get(a, 1) for a in MESH_AXES], len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+class BatchBlock(NamedTuple):
+    """Rows [index * rows, (index + 1) * rows) of a global batch of `count * rows` rows."""
+
+    index: int
+    count: int
+    rows: int
+
+
+def process_batch_block(
+    mesh: jax.sharding.Mesh, batch_axes: Sequence[str], batch_size: int
+) -> BatchBlock:
+    """The block of a global batch that this process's devices hold.
+
+    The batch axis (size `batch_size`) is split over the mesh axes `batch_axes`. The rows held by
+    each process's devices must form one contiguous block, of the same size for every process;
+    the blocks tile the batch. Processes that differ only along other axes (`context`, `tensor`)
+    share a block. One process holds everything: `BatchBlock(0, 1, batch_size)`.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes) or None))
+    parts: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map((batch_size,)).items():
+        start, stop, _ = index[0].indices(batch_size)
+        parts.setdefault(device.process_index, set()).add((start, stop))
+    spans = {}
+    for process, ranges in parts.items():
+        start, stop = min(a for a, _ in ranges), max(b for _, b in ranges)
+        if sum(b - a for a, b in ranges) != stop - start:
+            raise ValueError(
+                f"process {process} holds batch rows {sorted(ranges)} of {batch_size}: not one "
+                f"contiguous block; order the mesh axes {tuple(batch_axes)} so that each process's "
+                "devices are adjacent along them"
+            )
+        spans[process] = (start, stop)
+    rows = spans[jax.process_index()][1] - spans[jax.process_index()][0]
+    if any(b - a != rows or a % rows for a, b in spans.values()):
+        raise ValueError(f"processes hold unequal blocks of the batch of {batch_size}: {spans}")
+    return BatchBlock(spans[jax.process_index()][0] // rows, batch_size // rows, rows)
 
 
 def maybe_initialize_distributed() -> None:

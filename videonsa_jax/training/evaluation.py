@@ -65,20 +65,23 @@ def evaluate(
     num_patches: int,
     max_batches: int = 0,
 ) -> dict[str, float]:
-    """Multiple-choice accuracy over `batches` (collated eval batches with choices/answer_index)."""
+    """Multiple-choice accuracy over `batches` (collated eval batches with choices/answer_index,
+    read in full by every process)."""
     correct = total = 0
     per_task: dict[str, list[int]] = {}
     sizes = None  # shared ViT group / text-row sizes: few compilations of eval_step
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
+        # Every process reads the whole eval batch: one block.
+        placement = inputs_lib.Placement.whole(mesh, rules, len(batch["input_ids"]))
+        unit = model.config.vision.spatial_merge_size**2
         (padded,), sizes = inputs_lib.uniform_sizes(
-            [inputs_lib.model_batch(model, batch, num_patches)], sizes
+            [inputs_lib.model_batch(model, batch, placement.num_patches(num_patches, unit))],
+            sizes,
+            placement.shards,
         )
-        model_inputs = padded["inputs"]
-        sharded = inputs_lib.device_put(
-            model_inputs, inputs_lib.shardings(model_inputs, mesh, rules)
-        )
+        sharded = inputs_lib.place(padded["inputs"], placement)
         scores = np.asarray(eval_step(params, rest, sharded, letter_ids))
         for row, (choices, answer) in enumerate(
             zip(batch["choices"], batch["answer_index"], strict=True)
