@@ -340,6 +340,24 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
     "swa": (gpu_flash, FLASH_FWD),
     "cmp_bwd": (gpu_flash, FLASH_BWD),
     "swa_bwd": (gpu_flash, FLASH_BWD),
+    "slc": (  # smaller query chunks: a chunk's gathered q rows stay in L2 (29 MB at 16384)
+        gpu_selection,
+        [
+            {},
+            {"FWD_PARTIAL_BYTES": 2**30},
+            {"FWD_PARTIAL_BYTES": 2**29},
+            {"FWD_PARTIAL_BYTES": 2**28},
+        ],
+    ),
+    "slc_bwd": (
+        gpu_selection,
+        [
+            {},
+            {"BWD_PARTIAL_BYTES": 3 * 2**28},
+            {"BWD_PARTIAL_BYTES": 3 * 2**27},
+            {"BWD_PARTIAL_BYTES": 3 * 2**27, "ITEM": 1024},
+        ],
+    ),
     "topk": (
         select_module,
         [
@@ -354,11 +372,13 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
 }
 
 
-def sweep(t: int) -> None:
-    """Tile / launch variants of the flash kernels and the top-k score kernel at length t: ms and
-    the difference vs the default (rel. error; top-k: rows that differ)."""
+def sweep(t: int, branches: list[str]) -> None:
+    """Tile / launch variants of the flash kernels, chunk sizes of the selection kernels and
+    variants of the top-k score kernel at length t: ms and the difference vs the default (rel.
+    error; top-k: rows that differ)."""
     fns, args = branch_fns(t)
-    for name, (module, variants) in SWEEP.items():
+    for name in branches:
+        module, variants = SWEEP[name]
         first = None
         for var in variants:
             saved = {key: getattr(module, key) for key in var}
@@ -389,6 +409,7 @@ def main() -> None:
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--sweep", default="", help="sweep launch parameters at these T (a,b,...)")
+    ap.add_argument("--sweep-branches", default=",".join(SWEEP), help="of " + ",".join(SWEEP))
     ap.add_argument("--profile", default="", help="device time per kernel at these T (a,b,...)")
     a = ap.parse_args()
     print("jax", jax.__version__, jax.devices(), flush=True)
@@ -401,7 +422,7 @@ def main() -> None:
     if not a.no_time:
         timings([int(x) for x in a.seqs.split(",")], dense=not a.no_dense)
     for t in [int(x) for x in a.sweep.split(",") if x]:  # after the timings (process-wide peak)
-        sweep(t)
+        sweep(t, a.sweep_branches.split(","))
     for t in [int(x) for x in a.profile.split(",") if x]:
         profile(t)
 
