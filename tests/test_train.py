@@ -132,3 +132,28 @@ def test_nonfinite_step_is_skipped_and_counted():
     good, m = step(worse, nnx.State({}), batch(1.0))
     assert int(m["nonfinite"]) == 0
     assert not np.array_equal(good.params["a"]["kernel"][...], state.params["a"]["kernel"][...])
+
+
+def test_step_runs_with_a_rematerialised_vision_tower():
+    """remat="full" (configs/long128k.py) wraps each ViT block in `nnx.remat`, which fails on
+    arrays closed over by a trace (the step's aux-shape `eval_shape` once did that)."""
+    from tests.tiny_videonsa import tiny_config
+    from videonsa_jax.model.qwen2_5_vl import Qwen2_5_VL
+
+    model = Qwen2_5_VL(tiny_config(remat="full"), rngs=nnx.Rngs(0))
+    cfg = model.config
+    ids = np.full((1, 32), 20, np.int32)
+    ids[0, 3], ids[0, 4:28], ids[0, 28] = (cfg.vision_start_token_id, cfg.video_token_id,
+                                           cfg.vision_end_token_id)  # fmt: skip
+    pixels = np.random.default_rng(0).normal(size=(96, cfg.vision.patch_dim)).astype(np.float32)
+    inputs = model.prepare_inputs(ids, None, pixel_values_videos=pixels, video_grid_thw=[[6, 4, 4]])
+    batch = jax.tree.map(lambda x: x[None], {"inputs": inputs, "loss_mask": ids > 0})
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    config = configs.base_config()
+    tx = step_lib.make_optimizer(config)
+    loss_fn = state_lib.lm_loss(16)
+    step = jax.jit(
+        step_lib.make_train_step(graphdef, tx, loss_fn, step_lib.learning_rate_schedule(config))
+    )
+    _, m = step(state_lib.new_state(params, tx), rest, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0

@@ -173,7 +173,8 @@ def accumulate_gradients(
         return (grads, nll + m_nll, tokens + m_tokens, aux), None
 
     first = jax.tree.map(lambda x: x[0], batch)
-    aux_shape = jax.eval_shape(lambda: micro_loss(params, first)[1][1])
+    # The arrays are arguments, not closed over: nnx.remat (ViT blocks) fails on closed-over ones.
+    aux_shape = jax.eval_shape(lambda p, m: micro_loss(p, m)[1][1], params, first)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     init = (
         jax.tree.map(zeros, params),
