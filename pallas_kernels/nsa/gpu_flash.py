@@ -44,8 +44,8 @@ from pallas_kernels.nsa.gpu_common import (
 
 Array = jax.Array
 
-FWD_ROWS, FWD_KEYS, FWD_LAUNCH = 128, 64, (8, 2)  # packed query rows, keys per step, launch
-DQ_ROWS, DQ_KEYS, DQ_LAUNCH = 128, 64, (8, 2)
+FWD_ROWS, FWD_KEYS, FWD_LAUNCH = 64, 64, (4, 2)  # packed query rows, keys per step, launch
+DQ_ROWS, DQ_KEYS, DQ_LAUNCH = 64, 64, (4, 2)
 BWD_ROWS, BWD_KEYS, BWD_LAUNCH = 64, 64, (4, 2)  # dk/dv: query rows per step, resident keys
 
 

@@ -56,11 +56,11 @@ from pallas_kernels.nsa.gpu_common import (
 
 Array = jax.Array
 
-ITEM = 2048  # CSR entries ((token, slot) pairs) per work item
+ITEM = 1024  # CSR entries ((token, slot) pairs) per work item
 FWD_ROWS = 64  # packed query rows per step of the KV-block-major forward
 FWD_LAUNCH = (4, 3)  # (num_warps, num_stages)
 BWD_ROWS = 64  # packed query rows per step of the KV-block-major backward
-BWD_LAUNCH = (4, 2)
+BWD_LAUNCH = (4, 1)
 FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, slot) partial o
 BWD_PARTIAL_BYTES = 3 * 2**30  # per-chunk budget of the backward's per-(token, slot) partial dq
 

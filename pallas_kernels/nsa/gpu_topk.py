@@ -34,7 +34,7 @@ from pallas_kernels.nsa.gpu_common import call, dot, next_pow2
 
 Array = jax.Array
 
-SCORE_TOKENS, SCORE_BLOCKS, SCORE_LAUNCH = 64, 64, (4, 2)  # tile, (num_warps, num_stages)
+SCORE_TOKENS, SCORE_BLOCKS, SCORE_LAUNCH = 64, 128, (4, 2)  # tile, (num_warps, num_stages)
 SELECT_ELEMS, SELECT_WARPS = 4096, 4  # importance values per select program, its warps
 
 
