@@ -202,6 +202,19 @@ def _groups(
     return index, valid, inverse
 
 
+GROUP_LOGITS_BYTES = 2 * 2**30  # fp32 logits of one query chunk of group_attention, all groups
+
+
+def _attend_groups(qg: jax.Array, kg: jax.Array, vg: jax.Array, valid: jax.Array) -> jax.Array:
+    """qg [G, Sq, H, D] over kg, vg [G, S, H, D] with key mask valid [G, S] -> [G, Sq, H, D]."""
+    logits = jnp.einsum("gqhd,gkhd->ghqk", qg, kg, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(qg.shape[-1]))
+    # A finite fill keeps all-padding groups NaN-free; their rows are never read back.
+    logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(vg.dtype)
+    return jnp.einsum("ghqk,gkhd->gqhd", probs, vg)
+
+
 def group_attention(
     q: jax.Array,
     k: jax.Array,
@@ -211,6 +224,10 @@ def group_attention(
     inverse: jax.Array,
 ) -> jax.Array:
     """Bidirectional attention inside each group (fp32 softmax, probabilities cast to v's dtype).
+
+    Long groups (the full-attention blocks: 1,024 patches per slice at 448 x 448) run in query
+    chunks whose fp32 logits over all groups stay within GROUP_LOGITS_BYTES, each rematerialised
+    in the backward: at 128K tokens the logits of one block would otherwise be 32 GiB.
 
     Args:
         q, k, v: [N, H, D].
@@ -222,13 +239,17 @@ def group_attention(
     """
     # [G, S, H, D]; groups are independent: split over the devices (sequence parallelism).
     qg, kg, vg = (context.shard_leading(x[index]) for x in (q, k, v))
-    logits = jnp.einsum("gqhd,gkhd->ghqk", qg, kg, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(q.shape[-1]))
-    # A finite fill keeps all-padding groups NaN-free; their rows are never read back.
-    logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("ghqk,gkhd->gqhd", probs, vg)
-    return out.reshape(-1, *out.shape[2:])[inverse]
+    g, s, h, d = qg.shape
+    chunk = max(8, GROUP_LOGITS_BYTES // (g * h * s * 4) // 8 * 8)
+    if chunk >= s:
+        out = _attend_groups(qg, kg, vg, valid)
+    else:
+        n = -(-s // chunk)
+        qc = jnp.pad(qg, ((0, 0), (0, n * chunk - s), (0, 0), (0, 0))).reshape(g, n, chunk, h, d)
+        step = jax.checkpoint(lambda qi: _attend_groups(qi, kg, vg, valid))
+        out = jax.lax.map(step, jnp.moveaxis(qc, 1, 0))  # [n, G, chunk, H, D]
+        out = jnp.moveaxis(out, 0, 1).reshape(g, n * chunk, h, d)[:, :s]
+    return out.reshape(-1, h, d)[inverse]
 
 
 class VisionAttention(nnx.Module):

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from videonsa_jax.config import ModelConfig
+from videonsa_jax.model.vision import GROUP_LOGITS_BYTES
 from videonsa_jax.parallel import context
 from videonsa_jax.parallel.mesh import MESH_AXES, create_mesh, resolve_mesh_shape
 from videonsa_jax.training import configs
@@ -159,15 +160,19 @@ def analytic_terms(
     full_remat = config.model.remat == "full"
     vit_block = rows * (6 * v.hidden_size + 3 * v.intermediate_size) * act
     vit_block += rows * v.num_heads * window * 4 * 2  # window attention probs (fp32, + grad)
+    # full-attention blocks: one query chunk's fp32 logits, probs and their grad
+    vit_block += (
+        3 * min(GROUP_LOGITS_BYTES, patches * v.num_heads * patches * 4) / (batch_ways * cp)
+    )
     vit_saved = v.depth * rows * v.hidden_size * act  # block inputs under remat
     vit = vit_saved + vit_block if full_remat else v.depth * vit_block
     vit_formula = (
         f"depth {v.depth} x patch rows/device {rows} x hidden {v.hidden_size} x {act} B (remat: "
         f"block inputs) + one block: rows x (6 x {v.hidden_size} + 3 x {v.intermediate_size}) x "
-        f"{act} B + window attention probs"
+        f"{act} B + window attention probs + 3 x full-attention query chunk logits / devices"
         if full_remat
         else f"depth {v.depth} x (patch rows/device {rows} x (6 x {v.hidden_size} + 3 x "
-        f"{v.intermediate_size}) x {act} B + window attention probs)"
+        f"{v.intermediate_size}) x {act} B + window attention probs + full-attention chunk logits)"
     )
     return [
         ("state", "params + optimizer moments, sharded (exact)", state),
