@@ -105,19 +105,22 @@ def token_nll(
     def split(x):
         return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-    @jax.checkpoint
     def chunk_nll(h, t, w):
         logits = project(h).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return jnp.sum((logz - picked) * w)
 
+    # The checkpoint goes around the cond: a checkpointed branch inside the cond would hand its
+    # inputs (the [hidden, vocab] projection weight among them) out of the cond as residuals, and
+    # the scan would stack one copy per chunk.
+    @jax.checkpoint
+    def skip_or_nll(h, t, w):
+        zero = lambda *_: jnp.zeros((), jnp.float32)
+        return jax.lax.cond(jnp.any(w != 0), chunk_nll, zero, h, t, w)
+
     def body(total, xs):
-        h, t, w = xs
-        nll = jax.lax.cond(
-            jnp.any(w != 0), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, w
-        )
-        return total + nll, None
+        return total + skip_or_nll(*xs), None
 
     total, _ = jax.lax.scan(
         body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights))
