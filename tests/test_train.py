@@ -199,3 +199,18 @@ def test_token_nll_gradient_memory_does_not_grow_with_the_chunks():
     )
     temp = grad.lower(hidden, weight).compile().memory_analysis().temp_size_in_bytes
     assert temp < 8 * weight.nbytes, (temp, weight.nbytes)  # stacked: > 32 (one per chunk)
+
+
+def test_patch_rows_are_prepared_in_the_model_dtype():
+    """bf16 models get bf16 patch rows from the host (the ViT's first op casts to bf16 anyway)."""
+    from tests.tiny_videonsa import tiny_config
+    from videonsa_jax.model.qwen2_5_vl import Qwen2_5_VL
+
+    model = Qwen2_5_VL(tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cfg = model.config
+    ids = np.full((1, 12), 20, np.int32)
+    ids[0, 3:7] = cfg.video_token_id
+    pixels = np.random.default_rng(0).normal(size=(16, cfg.vision.patch_dim)).astype(np.float32)
+    inputs = model.prepare_inputs(ids, None, pixel_values_videos=pixels, video_grid_thw=[[1, 4, 4]])
+    assert inputs.pixel_rows.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(inputs.pixel_rows, pixels.astype(jnp.bfloat16))

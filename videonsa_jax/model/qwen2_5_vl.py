@@ -28,8 +28,9 @@ class ModelInputs(NamedTuple):
     attention_mask: [B, L] int32, 1 for real tokens, 0 for padding.
     positions: [3, B, L] int32 M-RoPE positions (from `rope.get_rope_index`).
     rope_deltas: [B] int32, position offset of the next generated token minus its index.
-    pixel_rows: [N, patch_dim] patch rows of all images, then all videos (zero padded to N), or
-        None for text-only inputs.
+    pixel_rows: [N, patch_dim] patch rows of all images, then all videos (zero padded to N), in
+        the model's dtype (the ViT's first op casts to it: bf16 halves the batch), or None for
+        text-only inputs.
     vision_layout: `vision.VisionLayout` for those rows, or None.
     vision_targets: [N // merge**2] int32, flat index b * L + l of the token each merged vision row
         replaces; padding rows hold B * L (dropped). None for text-only inputs.
@@ -164,6 +165,7 @@ class Qwen2_5_VL(nnx.Module):
                 )
             targets.append(flat)
         rows = np.concatenate([np.asarray(p, np.float32) for _, _, p in used], axis=0)
+        rows = rows.astype(self.dtype)
         grid_thw = np.concatenate([g for _, g, _ in used], axis=0)
         n = rows.shape[0] if num_patches is None else num_patches
         if n < rows.shape[0]:
