@@ -64,7 +64,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +78,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import MARKER, run_worker  # noqa: E402
 from videonsa_jax.config import ModelConfig  # noqa: E402
 from videonsa_jax.parallel import context, create_mesh  # noqa: E402
 from videonsa_jax.processing import chat  # noqa: E402
@@ -337,22 +337,8 @@ def measure(job: dict) -> dict:
 
 
 def run_job(job: dict, timeout: float) -> dict:
-    """Runs a job in a fresh Python process; its result, or the job with an "error" (the last
-    exception line of its stderr)."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "NCCL_NVLS_ENABLE": "0", **os.environ}
-    env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=path)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**job, "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("measured: "):
-            return json.loads(line[len("measured: ") :])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    raised = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception)\b", ln)]
-    return {**job, "error": ((raised or lines or [f"exit code {proc.returncode}"])[-1])[:300]}
+    """Runs a job in a fresh Python process (`common.run_worker`, NCCL NVLink multicast off)."""
+    return run_worker(__file__, job, timeout, env={"NCCL_NVLS_ENABLE": "0"})
 
 
 def status(r: dict) -> str:
@@ -498,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--steps must be at least 1")
     if args.worker:
         job = json.loads(args.worker)
-        print("measured: " + json.dumps(measure(job)), flush=True)
+        print(MARKER + json.dumps(measure(job)), flush=True)
         return
 
     base = dict(
@@ -509,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.kinds.split(","):
         for c in args.contexts.split(","):
             result = run_job({**base, "kind": kind, "context": int(c)}, args.timeout)
-            print(f"measured: {json.dumps(result)}", flush=True)
+            print(MARKER + json.dumps(result), flush=True)
             if "skipped" in result:
                 print(f"skipped: {kind}, {result['skipped']} ({result['devices']})", flush=True)
             else:

@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,19 +85,6 @@ def decoder_inputs(config, seq: int, tiny: bool):
     return ids, positions, ids == config.video_token_id, rows
 
 
-def bench(fn, *args, reps: int) -> float:
-    """Median wall time (ms) of `reps` calls after one warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def peak_bytes() -> int | None:
     import jax
 
@@ -113,6 +96,8 @@ def run_phase(result: dict, name: str, fn, args: tuple, reps: int) -> None:
     """Compiles and times `fn(*args)`; stores name_plan (XLA's planned bytes: temporaries +
     arguments + outputs), then name_ms and name_peak (the process's peak so far) or name_error."""
     import jax
+
+    from benchmarks.common import bench
 
     try:
         compiled = jax.jit(fn).lower(*args).compile()
@@ -229,22 +214,13 @@ def check_cudnn(t: int = 4096) -> dict:
 
 
 def run_job(job: dict, timeout: float, in_process: bool) -> dict:
-    """Runs one job in a fresh process (or in this one); returns its result or {"error": ...}."""
+    """Runs one job in a fresh process (`common.run_worker`) or in this one; returns its result
+    or the job with an "error"."""
     if in_process:
         return check_cudnn() if job.get("check") else measure(**job)
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}
-    env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=path)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**job, "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    return {**job, "error": (lines[-1] if lines else f"exit code {proc.returncode}")[:300]}
+    from benchmarks.common import run_worker
+
+    return run_worker(__file__, job, timeout)
 
 
 def fmt(x, digits: int = 1) -> str:
@@ -419,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         job = json.loads(args.worker)
         result = check_cudnn() if job.get("check") else measure(**job)
-        print("RESULT " + json.dumps(result), flush=True)
+        print(f"measured: {json.dumps(result)}", flush=True)
         return
 
     seqs = [int(s) for s in (args.seqs or ("256" if args.tiny else "131072")).split(",")]

@@ -19,10 +19,8 @@ import collections
 import functools
 import gzip
 import json
-import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import bench  # noqa: E402
 from pallas_kernels.nsa import gpu_flash, gpu_selection, reference  # noqa: E402
 from pallas_kernels.nsa import gpu_topk as select_module  # noqa: E402
 from pallas_kernels.nsa.gpu import nsa_branches, nsa_gpu  # noqa: E402
@@ -55,17 +54,6 @@ ANCHOR_FWD = {
     65536: (78.57 + 1.11, 39.2 + 1.11),
     131072: (231.43 + 2.22, 90.6 + 2.22),
 }
-
-
-def bench(fn, *args, n: int = 10) -> float:
-    """Median wall time (ms) of a jitted call, after one warm-up."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def inputs(t: int, dtype, seed: int = 0):
@@ -194,7 +182,7 @@ def branch_fns(t: int) -> tuple[dict, dict]:
 def branch_times(t: int) -> dict[str, float]:
     """Per-branch forward and backward times (ms)."""
     fns, args = branch_fns(t)
-    return {n: bench(f, *args[n], n=5 if n.endswith("_bwd") else 10) for n, f in fns.items()}
+    return {n: bench(f, *args[n], reps=5 if n.endswith("_bwd") else 10) for n, f in fns.items()}
 
 
 def timings(seqs: list[int], dense: bool) -> None:
@@ -218,7 +206,7 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
     fwdbwd = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
     base = dev.memory_stats()["bytes_in_use"]
     t_f = bench(fwd, q, k, v, *gates)
-    t_fb = bench(fwdbwd, q, k, v, *gates, n=5)
+    t_fb = bench(fwdbwd, q, k, v, *gates, reps=5)
     peak = (dev.memory_stats()["peak_bytes_in_use"] - base) / 2**30
     br = branch_times(t)
     fl = flops(t)
@@ -236,7 +224,7 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
         def dpa(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-        d_f = bench(jax.jit(dpa), q, k, v, n=5)
+        d_f = bench(jax.jit(dpa), q, k, v, reps=5)
         d_fb = bench(
             jax.jit(
                 jax.grad(
@@ -249,7 +237,7 @@ def one_length(t: int, dev, dense: bool, rows: list[str], split_rows: list[str])
             q,
             k,
             v,
-            n=3,
+            reps=3,
         )
     a_f, a_fb = ANCHOR_FWD.get(t, (None, None)), ANCHOR_FWDBWD.get(t, (None, None))
 
@@ -393,7 +381,7 @@ def sweep(t: int, branches: list[str]) -> None:
                     diff = f"{int(np.sum(np.any(out[0] != first[0], axis=-1)))} rows differ"
                 else:
                     diff = " ".join(f"{rel(a, b):.1e}" for a, b in zip(out, first, strict=True))
-                ms = bench(f, *args[name], n=5)
+                ms = bench(f, *args[name], reps=5)
                 print(f"sweep T={t} {name} {var}: {ms:.2f} ms ({diff})", flush=True)
             except Exception as e:
                 print(f"sweep T={t} {name} {var}: FAILED {e!r}"[:1500], flush=True)

@@ -15,9 +15,7 @@ Pallas path at other TARGET_PROGRAMS (key splits of the forward / dq walks). Pri
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,21 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import bench  # noqa: E402
 from pallas_kernels.nsa import gpu_rows  # noqa: E402
 from videonsa_jax.model import attention  # noqa: E402
 
 HQ, H, D = 28, 4, 128
-
-
-def bench(fn, *args, n: int = 10) -> float:
-    """Median wall time (ms) of a jitted call, after one warm-up."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def xla_rows(q, k, v, q_index, kv_valid):
