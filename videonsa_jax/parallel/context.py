@@ -272,18 +272,21 @@ def hybrid_attention(
 
 def dense_attention(q: Array, k: Array, v: Array, kv_valid: Array) -> Array:
     """Causal GQA ("dense" kind) with the sequence split over `context`: q [B, T, HQ, D],
-    k, v [B, T, H, D], kv_valid [B, T] -> [B, T, HQ, D]."""
+    k, v [B, T, H, D], kv_valid [B, T] -> [B, T, HQ, D].
+
+    Each shard's queries (rows offset .. offset + T/c - 1) attend the gathered keys through
+    `rows_attention`: the Pallas flash kernel on GPU (cuDNN takes no query offset), the chunked XLA
+    attention elsewhere."""
     mesh = current_mesh()
     _check(q, k)
     batch = _axes_dividing(mesh, BATCH_AXES, q.shape[0])
     rows_spec = P(batch, CONTEXT, _head_axis(mesh, q.shape[2], k.shape[2]), None)
 
     def body(q, k, v, valid):
-        tl = q.shape[1]
+        b, tl = q.shape[:2]
         q_index = lax.axis_index(CONTEXT) * tl + jnp.arange(tl, dtype=jnp.int32)
-        return attention_lib.dense_attention(
-            q, _gather(k), _gather(v), q_index=q_index, kv_valid=_gather(valid)
-        )
+        q_index = jnp.broadcast_to(q_index, (b, tl))
+        return attention_lib.rows_attention(q, _gather(k), _gather(v), q_index, _gather(valid))
 
     fn = jax.shard_map(
         body,
