@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.nsa import nsa, reference
+from pallas_kernels.nsa import gpu_flash, nsa, reference
 from pallas_kernels.nsa.gpu import nsa_gpu
 
 KW = dict(block_size=8, block_count=4, window_size=12)
@@ -144,4 +144,40 @@ def test_selection_chunks_values_and_grads(g, chunk):
     ro, vjp = jax.vjp(ref, q, k, v)
     assert _rel(o, ro) < 1e-5
     for name, a, b in zip("qkv", grads, vjp(do), strict=True):
+        assert _rel(a, b) < 1e-5, name
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "mode,g,tq,nk,off,bs,w",
+    [
+        ("cmp", 7, 150, 120, 150, 2, 0),  # compressed keys, the last key tile partial
+        ("cmp", 1, 200, 200, 0, 1, 0),  # block 1: causal attention
+        ("swa", 7, 160, 300, 140, 1, 150),
+        ("swa", 5, 200, 200, 0, 1, 200),
+    ],
+)
+def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w):
+    """The flash branches at lengths where the walks meet whole (unmasked) tiles of 64 keys / query
+    rows as well as boundary tiles: o, lse, dq, dk, dv against the reference."""
+    q, k, v, _ = _inputs(tq, nk, 1, g, 32, seed=tq)
+    do = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+    kw = dict(mode=mode, scale=0.3, block_size=bs, window=w, interpret=True)
+    offset = jnp.full((1,), off, jnp.int32)
+    o, lse = gpu_flash.flash_fwd(q, k, v, offset, **kw)
+    dq, dk, dv = gpu_flash.flash_bwd(q, k, v, o, lse, do, offset, **kw)
+
+    def ref(q, k, v):
+        if mode == "cmp":
+            return reference.compression_attention(q, k, v, block_size=bs, scale=0.3, q_offset=off)
+        return reference.sliding_window_attention(q, k, v, window_size=w, scale=0.3, q_offset=off)
+
+    if mode == "cmp":
+        (ro, rlse), pull = jax.vjp(ref, q, k, v)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), rtol=1e-5, atol=1e-5)
+        grads = pull((do, jnp.zeros_like(rlse)))
+    else:
+        ro, pull = jax.vjp(ref, q, k, v)
+        grads = pull(do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (ro, *grads), strict=True):
         assert _rel(a, b) < 1e-5, name

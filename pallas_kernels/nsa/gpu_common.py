@@ -63,8 +63,11 @@ def store_stat(ref, b: Array, tok: Array, head: Array, valid: Array, x: Array) -
     plgpu.store(ref.at[b, tok, head], x.astype(ref.dtype), mask=valid)
 
 
-def load_block(ref, b: Array, start: Array, size: int, h: Array, n_valid: Array) -> Array:
-    """ref[b, start:start+size, h, :] with rows outside [0, n_valid) read as 0 -> [size, D]."""
+def load_block(ref, b: Array, start: Array, size: int, h: Array, n_valid: Array | None) -> Array:
+    """ref[b, start:start+size, h, :] with rows outside [0, n_valid) read as 0 -> [size, D];
+    n_valid None: the caller guarantees all rows are in bounds (no mask)."""
+    if n_valid is None:
+        return plgpu.load(ref.at[b, pl.ds(start, size), h, :])
     pos = start + jnp.arange(size, dtype=jnp.int32)
     mask = (pos >= 0) & (pos < n_valid)
     return plgpu.load(ref.at[b, pl.ds(start, size), h, :], mask=mask[:, None], other=0.0)

@@ -8,14 +8,16 @@ Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, NK, H, D] (NK = NB for "cmp", Tk f
 lse, delta [B, Tq, HQ] fp32 (natural log; -inf for a query that sees no key).
 
 Kernels (rows = packed GQA rows of one KV head, see gpu_common):
-    forward  grid (cdiv(Tq, R//G), B*H); a [R=128, D] query tile stays in registers; loop over
+    forward  grid (cdiv(Tq, R//G), B*H); a [R=64, D] query tile stays in registers; loop over
              the visible key tiles [BK=64, D] with an online softmax (exp2). Registers: acc
-             [128, D] fp32. Memory: o and lse only.
+             [64, D] fp32. Memory: o and lse only.
     dq       same grid and loop; recomputes p from lse; dq = scale * sum ds @ k.
     dk/dv    grid (cdiv(NK, 64), B*H, splits): a [64, D] key tile stays resident, the loop walks the
              query tiles [R=64, D] that can see it (KV-block-major, no atomics). For "cmp" the long
              query range is cut into `splits` parts whose fp32 partial dk/dv [splits, B, NK, H, D]
              are summed by XLA; "swa" needs one split.
+All three walks visit first the tiles that every row of the tile sees whole (`_whole_key_tiles`,
+`_whole_query_tiles`: no mask, no bounds checks), then the boundary tiles with the mask.
 """
 
 from __future__ import annotations
@@ -70,6 +72,37 @@ def _query_range(mode: str, k_lo: Array, k_hi: Array, off: Array, tq: int, bs: i
     return jnp.maximum(k_lo - off, 0), jnp.clip(k_hi + w - off, 0, tq)
 
 
+def _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, keys):
+    """Key tiles [a, b) within [first, stop) whose keys every query in [t_lo, t_hi] sees."""
+    if mode == "cmp":
+        a, b = first, jnp.minimum((t_lo + 1) // bs, nk) // keys
+    else:
+        a = (jnp.maximum(t_hi - w + 1, 0) + keys - 1) // keys
+        b = jnp.minimum(t_lo + 1, nk) // keys
+    a = jnp.clip(a, first, stop)
+    return a, jnp.clip(b, a, stop)
+
+
+def _whole_query_tiles(mode, j_lo, j_hi, off, first, stop, tokens, bs, w):
+    """Query tiles [a, b) within [first, stop) (tile i: positions off + i*tokens + [0, tokens))
+    whose queries all see every key in [j_lo, j_hi]. Padding rows of the last tile load zero q,
+    do, lse and delta, so they add nothing to dk / dv unmasked."""
+    if mode == "cmp":
+        a, b = (jnp.maximum((j_hi + 1) * bs - 1 - off, 0) + tokens - 1) // tokens, stop
+    else:
+        a = (jnp.maximum(j_hi - off, 0) + tokens - 1) // tokens
+        b = jnp.maximum(j_lo + w - off, 0) // tokens
+    a = jnp.clip(a, first, stop)
+    return a, jnp.clip(b, a, stop)
+
+
+def _split_walk(body, first, a, b, stop, carry):
+    """body(i, carry, masked) over [a, b) unmasked, then [first, a) and [b, stop) masked."""
+    carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+    masked = functools.partial(body, masked=True)
+    return lax.fori_loop(b, stop, masked, lax.fori_loop(first, a, masked, carry))
+
+
 def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale, bs, w):
     tile, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
@@ -85,17 +118,22 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
     lo, hi = _key_range(mode, t_lo, t_hi, nk, bs, w)
     c = scale * LOG2E
 
-    def body(jt, carry):
+    def body(jt, carry, masked):
         acc, m, den = carry
         j0 = jt * FWD_KEYS
-        k = load_block(k_ref, b, j0, FWD_KEYS, h, nk)
-        v = load_block(v_ref, b, j0, FWD_KEYS, h, nk)
-        j = (j0 + jnp.arange(FWD_KEYS, dtype=jnp.int32))[None, :]
-        mask = _visible(mode, t, j, nk, bs, w)
-        s = jnp.where(mask, dot(q, k, trans_b=True) * c, NEG)
+        k = load_block(k_ref, b, j0, FWD_KEYS, h, nk if masked else None)
+        v = load_block(v_ref, b, j0, FWD_KEYS, h, nk if masked else None)
+        s = dot(q, k, trans_b=True) * c
+        if masked:
+            mask = _visible(
+                mode, t, (j0 + jnp.arange(FWD_KEYS, dtype=jnp.int32))[None, :], nk, bs, w
+            )
+            s = jnp.where(mask, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
         den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, den
@@ -105,7 +143,9 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
         jnp.full((FWD_ROWS,), NEG, jnp.float32),
         jnp.zeros((FWD_ROWS,), jnp.float32),
     )
-    acc, m, den = lax.fori_loop(lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS, body, init)
+    first, stop = lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS
+    a, z = _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, FWD_KEYS)
+    acc, m, den = _split_walk(body, first, a, z, stop, init)
     nonempty = den > 0
     den_safe = jnp.where(nonempty, den, 1.0)
     store_rows(o_ref, b, tok, head, valid, acc / den_safe[:, None])
@@ -133,19 +173,20 @@ def _dq_kernel(
     lo, hi = _key_range(mode, t_lo, t_hi, nk, bs, w)
     c = scale * LOG2E
 
-    def body(jt, dq):
+    def body(jt, dq, masked):
         j0 = jt * DQ_KEYS
-        k = load_block(k_ref, b, j0, DQ_KEYS, h, nk)
-        v = load_block(v_ref, b, j0, DQ_KEYS, h, nk)
-        j = (j0 + jnp.arange(DQ_KEYS, dtype=jnp.int32))[None, :]
-        mask = _visible(mode, t, j, nk, bs, w)
-        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
+        k = load_block(k_ref, b, j0, DQ_KEYS, h, nk if masked else None)
+        v = load_block(v_ref, b, j0, DQ_KEYS, h, nk if masked else None)
+        p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
+        if masked:
+            j = (j0 + jnp.arange(DQ_KEYS, dtype=jnp.int32))[None, :]
+            p = jnp.where(_visible(mode, t, j, nk, bs, w), p, 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta)
         return dq + dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(
-        lo // DQ_KEYS, (hi + DQ_KEYS - 1) // DQ_KEYS, body, jnp.zeros((DQ_ROWS, d), jnp.float32)
-    )
+    first, stop = lo // DQ_KEYS, (hi + DQ_KEYS - 1) // DQ_KEYS
+    a, z = _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, DQ_KEYS)
+    dq = _split_walk(body, first, a, z, stop, jnp.zeros((DQ_ROWS, d), jnp.float32))
     store_rows(dq_ref, b, tok, head, valid, dq * scale)
 
 
@@ -184,23 +225,25 @@ def _dkv_kernel(
     stop = jnp.minimum(start + per_split, last)
     c = scale * LOG2E
 
-    def body(tile, carry):
+    def body(tile, carry, masked):
         dk, dv = carry
         tok, head, valid = packed_rows(tile, BWD_ROWS, g, tq, h)
-        t = (off + tok)[:, None]
         q = load_rows(q_ref, b, tok, head, valid)
         do = load_rows(do_ref, b, tok, head, valid)
         lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
         delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
-        mask = _visible(mode, t, j, nk, bs, w) & valid[:, None]
-        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
+        p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
+        if masked:
+            mask = _visible(mode, (off + tok)[:, None], j, nk, bs, w) & valid[:, None]
+            p = jnp.where(mask, p, 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta)
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros((BWD_KEYS, d), jnp.float32)
-    dk, dv = lax.fori_loop(start, stop, body, (zeros, zeros))
+    a, z = _whole_query_tiles(mode, j0, j0 + BWD_KEYS - 1, off, start, stop, tokens, bs, w)
+    dk, dv = _split_walk(body, start, a, z, stop, (zeros, zeros))
     rows = j0 + jnp.arange(BWD_KEYS, dtype=jnp.int32)
     dd = jnp.arange(d, dtype=jnp.int32)
     mask = (rows < nk)[:, None]
