@@ -35,18 +35,6 @@ from videonsa_jax.model import attention  # noqa: E402
 HQ, H, D = 28, 4, 128
 
 
-def xla_rows(q, k, v, q_index, kv_valid):
-    """The XLA path of `videonsa.dense_rows` on gathered rows q [B, n, HQ, D]."""
-
-    def one(q_b, k_b, v_b, index_b, valid_b):
-        out = attention.dense_attention(
-            q_b[None], k_b[None], v_b[None], q_index=index_b, kv_valid=valid_b[None]
-        )
-        return out[0]
-
-    return jax.vmap(one)(q, k, v, q_index, kv_valid)
-
-
 def pallas_rows(q, k, v, q_index, kv_valid):
     return gpu_rows.rows_attention(q, k, v, q_index, kv_valid)
 
@@ -100,7 +88,7 @@ def main() -> None:
         q, k, v, q_index, kv_valid, do = inputs(t, args.rows, args.prefix)
         gflop = 4 * HQ * D * float(np.minimum(np.asarray(q_index, np.int64) + 1, t).sum()) / 1e9
         got = {}
-        for name, fn in (("xla", xla_rows), ("pallas", pallas_rows)):
+        for name, fn in (("xla", attention.xla_rows_attention), ("pallas", pallas_rows)):
             fwd, fwd_bwd = programs(fn)
             got[name] = jax.device_get(fwd_bwd(q, k, v, q_index, kv_valid, do))
             ms = (

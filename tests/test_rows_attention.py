@@ -18,18 +18,6 @@ from videonsa_jax.model import attention
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret-mode test")
 
 
-def _dense_rows(q, k, v, q_index, kv_valid):
-    """The XLA path of `videonsa.dense_rows` for gathered rows q [B, n, HQ, D]."""
-
-    def one(q_b, k_b, v_b, index_b, valid_b):
-        out = attention.dense_attention(
-            q_b[None], k_b[None], v_b[None], q_index=index_b, kv_valid=valid_b[None]
-        )
-        return out[0]
-
-    return jax.vmap(one)(q, k, v, q_index, kv_valid)
-
-
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
@@ -81,13 +69,13 @@ def test_values_and_grads(b, n, s, h, g, dead, d=16):
         w = w.at[:, -pad:].set(0.0)
     args = (q, k, v, jnp.asarray(q_index, jnp.int32), jnp.asarray(kv_valid), w)
     got = _values_and_grads(functools.partial(rows_attention, interpret=True), *args)
-    want = _values_and_grads(_dense_rows, *args)
+    want = _values_and_grads(attention.xla_rows_attention, *args)
     assert np.isfinite(np.asarray(got[0])).all()
     for name, a, r in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
         assert _rel(a, r) < 1e-5, name
     if pad:  # padding rows add nothing to dk / dv: same as without them
         real = (q[:, :-pad], k, v, args[3][:, :-pad], args[4], w[:, :-pad])
-        _, _, dk, dv = _values_and_grads(_dense_rows, *real)
+        _, _, dk, dv = _values_and_grads(attention.xla_rows_attention, *real)
         assert _rel(got[2], dk) < 1e-5 and _rel(got[3], dv) < 1e-5
 
 
@@ -106,7 +94,7 @@ def test_gpu_bf16_text_rows():
     got = _values_and_grads(rows_attention, q, k, v, q_index, kv_valid, w)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     with jax.default_matmul_precision("highest"):
-        want = _values_and_grads(_dense_rows, *f32, q_index, kv_valid, w)
+        want = _values_and_grads(attention.xla_rows_attention, *f32, q_index, kv_valid, w)
     tols = (1e-2, 2e-2, 2e-2, 2e-2)  # bf16 operands of the p @ v and ds matmuls
     for name, a, r, tol in zip(("o", "dq", "dk", "dv"), got, want, tols, strict=True):
         assert _rel(a, r) < tol, name

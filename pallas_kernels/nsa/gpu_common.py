@@ -59,6 +59,18 @@ def load_stat(ref, b: Array, tok: Array, head: Array, valid: Array) -> Array:
     return plgpu.load(ref.at[b, tok, head], mask=valid, other=0.0)
 
 
+def load_grad_rows(
+    q_ref, do_ref, lse_ref, dl_ref, b: Array, tok: Array, head: Array, valid: Array
+) -> tuple[Array, Array, Array, Array]:
+    """What a backward step gathers per packed row: q, do [R, D]; lse in log2 units and
+    delta = rowsum(o * do), [R, 1] fp32 (masked rows: zeros)."""
+    q = load_rows(q_ref, b, tok, head, valid)
+    do = load_rows(do_ref, b, tok, head, valid)
+    lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
+    delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+    return q, do, lse2, delta
+
+
 def store_stat(ref, b: Array, tok: Array, head: Array, valid: Array, x: Array) -> None:
     plgpu.store(ref.at[b, tok, head], x.astype(ref.dtype), mask=valid)
 

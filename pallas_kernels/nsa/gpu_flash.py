@@ -37,8 +37,8 @@ from pallas_kernels.nsa.gpu_common import (
     call,
     dot,
     load_block,
+    load_grad_rows,
     load_rows,
-    load_stat,
     packed_rows,
     store_rows,
     store_stat,
@@ -163,10 +163,7 @@ def _dq_kernel(
     off = off_ref[0]
     tok, head, valid = packed_rows(tile, DQ_ROWS, g, tq, h)
     t = (off + tok)[:, None]
-    q = load_rows(q_ref, b, tok, head, valid)
-    do = load_rows(do_ref, b, tok, head, valid)
-    lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-    delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+    q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
     tokens = DQ_ROWS // g
     t_lo = off + tile * tokens
     t_hi = off + jnp.minimum((tile + 1) * tokens, tq) - 1
@@ -228,10 +225,7 @@ def _dkv_kernel(
     def body(tile, carry, masked):
         dk, dv = carry
         tok, head, valid = packed_rows(tile, BWD_ROWS, g, tq, h)
-        q = load_rows(q_ref, b, tok, head, valid)
-        do = load_rows(do_ref, b, tok, head, valid)
-        lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-        delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+        q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
         if masked:
             mask = _visible(mode, (off + tok)[:, None], j, nk, bs, w) & valid[:, None]

@@ -45,8 +45,8 @@ from pallas_kernels.nsa.gpu_common import (
     call,
     dot,
     load_block,
+    load_grad_rows,
     load_rows,
-    load_stat,
     packed_rows,
     store_rows,
     store_stat,
@@ -136,10 +136,7 @@ def _dq_kernel(
     b, h = bh // h_kv, bh % h_kv
     tok, head, valid = packed_rows(tile, DQ_ROWS, g, n, h)
     qi = _row_limits(qi_ref, b, tok, valid)
-    q = load_rows(q_ref, b, tok, head, valid)
-    do = load_rows(do_ref, b, tok, head, valid)
-    lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-    delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+    q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
     start, stop = _key_steps(qi, split, splits, s, DQ_KEYS)
     lim = qi[:, None]
     c = scale * LOG2E
@@ -188,10 +185,7 @@ def _dkv_kernel(
         dk, dv = carry
         tok, head, valid = packed_rows(order_ref[b, i], BWD_ROWS, g, n, h)
         lim = _row_limits(qi_ref, b, tok, valid)[:, None]
-        q = load_rows(q_ref, b, tok, head, valid)
-        do = load_rows(do_ref, b, tok, head, valid)
-        lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-        delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+        q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         p = jnp.where((j <= lim) & ok, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta)

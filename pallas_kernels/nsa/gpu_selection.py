@@ -50,8 +50,8 @@ from pallas_kernels.nsa.gpu_common import (
     call,
     dot,
     load_block,
+    load_grad_rows,
     load_rows,
-    load_stat,
 )
 
 Array = jax.Array
@@ -112,10 +112,7 @@ def _bwd_chunk_kernel(
         loc = jnp.where(valid, ent // s_count, chunk)  # out of bounds when invalid
         slot = ent % s_count
         tok = jnp.where(valid, c0 + loc, tq)
-        q = load_rows(q_ref, b, tok, head, valid)
-        do = load_rows(do_ref, b, tok, head, valid)
-        lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
-        delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
+        q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
         p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)

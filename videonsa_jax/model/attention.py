@@ -119,6 +119,14 @@ def rows_attention(
     """
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         return gpu_rows.rows_attention(q, k, v, q_index, kv_valid)
+    return xla_rows_attention(q, k, v, q_index, kv_valid)
+
+
+def xla_rows_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    """`rows_attention` through the chunked XLA `dense_attention`, one batch row at a time (same
+    arguments and result); what `rows_attention` runs off GPU."""
 
     def one(q_b, k_b, v_b, index_b, valid_b):
         out = dense_attention(
