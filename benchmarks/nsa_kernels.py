@@ -31,9 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import bench  # noqa: E402
-from pallas_kernels.nsa import gpu_flash, gpu_selection, reference  # noqa: E402
+from pallas_kernels.nsa import gpu_flash, gpu_mosaic, gpu_selection, reference  # noqa: E402
 from pallas_kernels.nsa import gpu_topk as select_module  # noqa: E402
-from pallas_kernels.nsa.gpu import nsa_branches, nsa_gpu  # noqa: E402
+from pallas_kernels.nsa.gpu import BranchConfig, flash_forward, nsa_branches, nsa_gpu  # noqa: E402
 from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 
 HQ, H, D, BS, S, W = 28, 4, 128, 64, 32, 256
@@ -145,8 +145,9 @@ def branch_fns(t: int) -> tuple[dict, dict]:
     kc, vc = reference.mean_pool(k, BS), reference.mean_pool(v, BS)
     fl = dict(scale=SCALE, block_size=BS, window=W, interpret=False)
     sl = dict(scale=SCALE, block_size=BS, interpret=False)
+    cmp_cfg = BranchConfig("cmp", SCALE, BS, W, interpret=False, static_offset=0)
     fns = {
-        "cmp": jax.jit(functools.partial(gpu_flash.flash_fwd, mode="cmp", **fl)),
+        "cmp": jax.jit(functools.partial(flash_forward, cfg=cmp_cfg)),
         "topk": jax.jit(
             functools.partial(
                 select_blocks,
@@ -158,7 +159,7 @@ def branch_fns(t: int) -> tuple[dict, dict]:
             )
         ),
         "slc": jax.jit(functools.partial(gpu_selection.selection_fwd, **sl)),
-        "swa": jax.jit(functools.partial(gpu_flash.flash_fwd, mode="swa", **fl)),
+        "swa": jax.jit(functools.partial(flash_forward, cfg=cmp_cfg._replace(mode="swa"))),
         "cmp_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl)),
         "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),
         "swa_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="swa", **fl)),
@@ -305,12 +306,10 @@ def profile(t: int) -> None:
         print(f"profile T={t} {name}: sum {sum(ms for _, ms in kernels):.2f} ms: {top}", flush=True)
 
 
-FLASH_FWD = [  # the first variant is the default; sweep of 2026-11-24 in RESULTS.md
+MOSAIC_FWD = [  # the first variant is the default (the Mosaic-GPU forward runs on Hopper)
     {},
-    {"FWD_ROWS": 128, "FWD_LAUNCH": (8, 2)},
-    {"FWD_LAUNCH": (4, 3)},
-    {"FWD_KEYS": 128},
-    {"FWD_ROWS": 256, "FWD_LAUNCH": (8, 2)},
+    {"BK": 64},
+    {"BK": 64, "STAGES": 3},
 ]
 FLASH_BWD = [
     {},
@@ -321,8 +320,8 @@ FLASH_BWD = [
     {"BWD_ROWS": 128, "BWD_LAUNCH": (8, 2)},
 ]
 SWEEP = {  # branch -> (module, variants of its tile / launch constants; the first is the default)
-    "cmp": (gpu_flash, FLASH_FWD),
-    "swa": (gpu_flash, FLASH_FWD),
+    "cmp": (gpu_mosaic, MOSAIC_FWD),
+    "swa": (gpu_mosaic, MOSAIC_FWD),
     "cmp_bwd": (gpu_flash, FLASH_BWD),
     "swa_bwd": (gpu_flash, FLASH_BWD),
     "slc": (

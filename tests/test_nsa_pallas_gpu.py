@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.nsa import gpu_flash, nsa, reference
+from pallas_kernels.nsa import gpu_flash, gpu_mosaic, nsa, reference
 from pallas_kernels.nsa.gpu import nsa_gpu
 
 KW = dict(block_size=8, block_count=4, window_size=12)
@@ -181,3 +181,40 @@ def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w):
         grads = pull(do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (ro, *grads), strict=True):
         assert _rel(a, b) < 1e-5, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "mode,h,g,tq,off,d,dtype",
+    [
+        ("cmp", 4, 7, 1000, 0, 128, jnp.bfloat16),
+        ("cmp", 2, 5, 700, 300, 128, jnp.bfloat16),
+        ("cmp", 1, 8, 300, 5000, 64, jnp.float16),
+        ("swa", 4, 7, 1000, 0, 128, jnp.bfloat16),
+        ("swa", 2, 5, 700, 300, 128, jnp.bfloat16),
+        ("swa", 4, 1, 777, 0, 64, jnp.float16),
+    ],
+)
+def test_mosaic_flash_forward(mode, h, g, tq, off, d, dtype):
+    """The Mosaic-GPU forward (Hopper only) against the fp32 reference on the same inputs, and
+    against the Triton forward it replaces: o and lse (-inf pattern included)."""
+    q, k, v, _ = _inputs(tq, tq + off, h, g, d, seed=tq, dtype=dtype)
+    if not gpu_mosaic.available(q, interpret=False, static_offset=off):
+        pytest.skip("Mosaic-GPU forward needs a Hopper GPU")
+    bs, w = 64, 256
+    if mode == "cmp":
+        k, v = reference.mean_pool(k, bs), reference.mean_pool(v, bs)
+    kw = dict(mode=mode, scale=d**-0.5, block_size=bs, window=w)
+    o, lse = jax.jit(functools.partial(gpu_mosaic.flash_fwd, q_offset=off, **kw))(q, k, v)
+    to, tlse = gpu_flash.flash_fwd(q, k, v, jnp.full((1,), off, jnp.int32), interpret=False, **kw)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    if mode == "cmp":
+        ro, rlse = reference.compression_attention(*f32, block_size=bs, scale=d**-0.5, q_offset=off)
+        np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(rlse)))
+        fin = np.isfinite(np.asarray(rlse))
+        np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(rlse)[fin], atol=1e-3)
+    else:
+        ro = reference.sliding_window_attention(*f32, window_size=w, scale=d**-0.5, q_offset=off)
+    assert _rel(o.astype(jnp.float32), ro) < 5e-3
+    assert _rel(o.astype(jnp.float32), to.astype(jnp.float32)) < 5e-3
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(tlse), atol=1e-4)

@@ -2,13 +2,17 @@
 
 Pipeline (q [B, Tq, HQ, D], k/v [B, Tk, H, D], any G = HQ / H):
     kc, vc   = mean_pool(k), mean_pool(v)                          XLA
-    o_cmp    = compression attention + lse                         gpu_flash ("cmp")
+    o_cmp    = compression attention + lse                         gpu_flash ("cmp"), forward
+                                                                   gpu_mosaic on Hopper
     idx      = top-S blocks from (q, kc, lse), no gradient         gpu_topk
     o_slc    = selection attention over idx                        gpu_selection
-    o_swa    = sliding-window attention                            gpu_flash ("swa")
+    o_swa    = sliding-window attention                            gpu_flash ("swa"), forward
+                                                                   gpu_mosaic on Hopper
     o        = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa              XLA (autodiff gives gate grads)
 Each attention branch is a `jax.custom_vjp` whose backward runs the matching Pallas kernels; the
-pooling and the gated sum are differentiated by JAX. On CPU pass interpret=True.
+pooling and the gated sum are differentiated by JAX. On CPU pass interpret=True. The flash
+forwards run the Mosaic-GPU kernels when `gpu_mosaic.available` (Hopper, static query offset),
+else the Triton-lowered ones; the backward is Triton-lowered either way.
 """
 
 from __future__ import annotations
@@ -19,23 +23,40 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.nsa import gpu_flash, gpu_selection
+from pallas_kernels.nsa import gpu_flash, gpu_mosaic, gpu_selection
 from pallas_kernels.nsa.gpu_topk import select_blocks
 from pallas_kernels.nsa.reference import combine, default_scale, mean_pool
 
 Array = jax.Array
 
 
-class _Cfg(NamedTuple):
+class BranchConfig(NamedTuple):
+    """Static settings of one attention branch (hashable: a custom_vjp nondiff argument)."""
+
     mode: str
     scale: float
     block_size: int
     window: int
     interpret: bool
+    static_offset: int | None  # the query offset when known at trace time
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q: Array, k: Array, v: Array, off: Array, cfg: _Cfg) -> tuple[Array, Array]:
+def flash_forward(
+    q: Array, k: Array, v: Array, off: Array, cfg: BranchConfig
+) -> tuple[Array, Array]:
+    """Forward of a flash-shaped branch (cfg.mode "cmp" or "swa") -> (o, lse): Mosaic-GPU
+    when available here, else Triton (or its interpret mode)."""
+    if gpu_mosaic.available(q, cfg.interpret, cfg.static_offset):
+        return gpu_mosaic.flash_fwd(
+            q,
+            k,
+            v,
+            mode=cfg.mode,
+            scale=cfg.scale,
+            block_size=cfg.block_size,
+            window=cfg.window,
+            q_offset=cfg.static_offset,
+        )
     return gpu_flash.flash_fwd(
         q,
         k,
@@ -47,6 +68,11 @@ def _flash(q: Array, k: Array, v: Array, off: Array, cfg: _Cfg) -> tuple[Array, 
         window=cfg.window,
         interpret=cfg.interpret,
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q: Array, k: Array, v: Array, off: Array, cfg: BranchConfig) -> tuple[Array, Array]:
+    return flash_forward(q, k, v, off, cfg)
 
 
 def _flash_fwd(q, k, v, off, cfg):
@@ -77,7 +103,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _selection(q: Array, k: Array, v: Array, idx: Array, off: Array, cfg: _Cfg) -> Array:
+def _selection(q: Array, k: Array, v: Array, idx: Array, off: Array, cfg: BranchConfig) -> Array:
     return gpu_selection.selection_fwd(
         q, k, v, idx, off, scale=cfg.scale, block_size=cfg.block_size, interpret=cfg.interpret
     )[0]
@@ -126,7 +152,8 @@ def nsa_branches(
     """The three branch outputs [B, Tq, HQ, D] and the block indices [B, Tq, H, S]."""
     scale = default_scale(q.shape[-1], scale)
     off = jnp.asarray(q_offset, jnp.int32).reshape(1)
-    cfg = _Cfg("cmp", scale, block_size, window_size, interpret)
+    static_offset = q_offset if isinstance(q_offset, int) else None
+    cfg = BranchConfig("cmp", scale, block_size, window_size, interpret, static_offset)
     kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
     o_cmp, lse = _flash(q, kc, vc, off, cfg)
     sg = jax.lax.stop_gradient
@@ -139,7 +166,7 @@ def nsa_branches(
         block_count=block_count,
         scale=scale,
         interpret=interpret,
-        static_offset=q_offset if isinstance(q_offset, int) else None,
+        static_offset=static_offset,
     )
     o_slc = _selection(q, k, v, idx, off, cfg)
     o_swa, _ = _flash(q, k, v, off, cfg._replace(mode="swa"))
