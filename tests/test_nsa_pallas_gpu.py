@@ -199,7 +199,7 @@ def test_mosaic_flash_forward(mode, h, g, tq, off, d, dtype):
     """The Mosaic-GPU forward (Hopper only) against the fp32 reference on the same inputs, and
     against the Triton forward it replaces: o and lse (-inf pattern included)."""
     q, k, v, _ = _inputs(tq, tq + off, h, g, d, seed=tq, dtype=dtype)
-    if not gpu_mosaic.available(q, interpret=False, static_offset=off):
+    if not gpu_mosaic.available(q, interpret=False):
         pytest.skip("Mosaic-GPU forward needs a Hopper GPU")
     bs, w = 64, 256
     if mode == "cmp":

@@ -46,7 +46,7 @@ def flash_forward(
 ) -> tuple[Array, Array]:
     """Forward of a flash-shaped branch (cfg.mode "cmp" or "swa") -> (o, lse): Mosaic-GPU
     when available here, else Triton (or its interpret mode)."""
-    if gpu_mosaic.available(q, cfg.interpret, cfg.static_offset):
+    if cfg.static_offset is not None and gpu_mosaic.available(q, cfg.interpret):
         return gpu_mosaic.flash_fwd(
             q,
             k,

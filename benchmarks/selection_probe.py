@@ -1,0 +1,222 @@
+"""Where the selection kernels' time goes: diagnostic variants of the per-chunk kernels.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/selection_probe.py [T]
+
+Same config as benchmarks/nsa_kernels.py (B=1, 28/4 heads, D=128, block 64, 32 blocks, bf16,
+random inputs). Each variant replaces gpu_selection's forward or backward chunk kernel and is timed
+whole (ms) and per device kernel (profiler); the default also prints its launch (registers,
+shared memory, occupancy). Variants (timing only: q_l2 and no_store give wrong values):
+    q_l2        gathers read queries of a 1024-token window: always L2 hits
+    no_store    the per-(token, slot) partial output (fwd) / dq (bwd) is not written
+    prefetch    the next step's entries and rows are loaded one step ahead (registers)
+    kv_in_loop  K and V are re-read every step instead of held in registers
+Then the forward for inputs drawn with other seeds (the selections' dependence on the data).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import bench  # noqa: E402
+from benchmarks.nsa_kernels import BS, SCALE, S, branch_fns, device_kernels, inputs  # noqa: E402
+from pallas_kernels.nsa import gpu_selection as gs  # noqa: E402
+from pallas_kernels.nsa import reference  # noqa: E402
+from pallas_kernels.nsa.gpu import BranchConfig, flash_forward  # noqa: E402
+from pallas_kernels.nsa.gpu_common import LOG2E, NEG, dot, load_block, load_grad_rows, load_rows  # noqa: E402
+from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
+
+
+def _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, rows, q_l2):
+    """fetch(it) -> (valid, loc, slot, tok, tok_load) of the step's packed rows."""
+    per = rows // g
+    r = jnp.arange(rows, dtype=jnp.int32)
+
+    def fetch(it):
+        e = e0 + it * per + r // g
+        valid = (r < per * g) & (e < e1)
+        ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
+        valid = valid & (c0 + ent // s_count < tq)
+        loc = jnp.where(valid, ent // s_count, chunk)
+        tok = jnp.where(valid, c0 + loc, tq)
+        tok_load = jnp.where(valid, tok % 1024, tq) if q_l2 else tok
+        return valid, loc, ent % s_count, tok, tok_load
+
+    return fetch, per
+
+
+def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
+    def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
+             po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
+        w, bh = pl.program_id(0), pl.program_id(1)
+        _, tq, _, d = q_ref.shape
+        tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+        _, chunk, s_count, _, _ = po_ref.shape
+        b, h = bh // h_kv, bh % h_kv
+        off, c0 = off_ref[0], c0_ref[0]
+        n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
+        j0 = n * bs
+        kv = lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk))  # noqa: E731
+        k0, v0 = (None, None) if kv_in_loop else kv()
+        j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
+        head = h * g + jnp.arange(gs.FWD_ROWS, dtype=jnp.int32) % g
+        dd = jnp.arange(d, dtype=jnp.int32)[None, :]
+        fetch, per = _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, gs.FWD_ROWS, q_l2)
+
+        def load(it):
+            valid, loc, slot, tok, tok_load = fetch(it)
+            return valid, loc, slot, tok, load_rows(q_ref, b, tok_load, head, valid)
+
+        def compute(valid, loc, slot, tok, q):
+            k, v = kv() if kv_in_loop else (k0, v0)
+            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
+            sc = jnp.where(mask, dot(q, k, trans_b=True) * scale * LOG2E, NEG)
+            m = jnp.max(sc, axis=1)
+            p = jnp.where(mask, jnp.exp2(sc - m[:, None]), 0.0)
+            den = jnp.sum(p, axis=1)
+            o = dot(p.astype(v.dtype), v) / jnp.where(den > 0, den, 1.0)[:, None]
+            if store:
+                plgpu.store(po_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
+                            o.astype(po_ref.dtype), mask=valid[:, None])  # fmt: skip
+            plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
+            plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
+
+        steps = (e1 - e0 + per - 1) // per
+        if prefetch:
+            lax.fori_loop(0, steps, lambda it, cur: (compute(*cur), load(it + 1))[1], load(0))
+        else:
+            lax.fori_loop(0, steps, lambda it, x: (compute(*load(it)), x)[1], jnp.int32(0))
+
+    return kern
+
+
+def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
+    def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
+             start_ref, end_ref, dk_ref, dv_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
+        w, bh = pl.program_id(0), pl.program_id(1)
+        _, tq, _, d = q_ref.shape
+        tk, h_kv = k_ref.shape[1], k_ref.shape[2]
+        _, chunk, s_count, _, _ = dqp_ref.shape
+        b, h = bh // h_kv, bh % h_kv
+        off, c0 = off_ref[0], c0_ref[0]
+        n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
+        j0 = n * bs
+        kv = lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk))  # noqa: E731
+        k0, v0 = (None, None) if kv_in_loop else kv()
+        j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
+        head = h * g + jnp.arange(gs.BWD_ROWS, dtype=jnp.int32) % g
+        dd = jnp.arange(d, dtype=jnp.int32)[None, :]
+        fetch, per = _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, gs.BWD_ROWS, q_l2)
+
+        def load(it):
+            valid, loc, slot, tok, tok_load = fetch(it)
+            rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
+            return valid, loc, slot, tok, *rows
+
+        def compute(dk, dv, valid, loc, slot, tok, q, do, lse2, delta):
+            k, v = kv() if kv_in_loop else (k0, v0)
+            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
+            p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2), 0.0)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
+            dk = dk + dot(ds, q, trans_a=True)
+            if store:
+                dq = (dot(ds, k) * scale).astype(dqp_ref.dtype)
+                at = dqp_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd]
+                plgpu.store(at, dq, mask=valid[:, None])
+            return dk, dv
+
+        zeros = jnp.zeros((bs, d), jnp.float32)
+        steps = (e1 - e0 + per - 1) // per
+        if prefetch:
+
+            def body(it, carry):
+                dk, dv, cur = carry
+                return (*compute(dk, dv, *cur), load(it + 1))
+
+            dk, dv, _ = lax.fori_loop(0, steps, body, (zeros, zeros, load(0)))
+        else:
+            dk, dv = lax.fori_loop(0, steps, lambda it, c: compute(*c, *load(it)), (zeros, zeros))
+        dk_ref[b, h, w] = dk * scale
+        dv_ref[b, h, w] = dv
+
+    return kern
+
+
+VARIANTS = {
+    "_fwd_chunk_kernel": ("slc", make_fwd),
+    "_bwd_chunk_kernel": ("slc_bwd", make_bwd),
+}
+FLAGS = [{}, {"prefetch": True}, {"kv_in_loop": True}, {"q_l2": True}, {"store": False}]
+
+
+def launch_info(fn, *args) -> None:
+    """Prints the profiler's launch details (registers, shared memory, occupancy) of the kernels."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
+        (path,) = Path(d).glob("**/perfetto_trace.json.gz")
+        events = json.load(gzip.open(path))["traceEvents"]
+    details = {
+        e["name"]: e.get("args", {}).get("kernel_details")
+        for e in events
+        if "kern" in e.get("name", "")
+    }
+    for name, detail in details.items():
+        print(f"launch {name}: {detail}", flush=True)
+
+
+def input_dependence(t: int) -> None:
+    """The Triton selection forward on the selections of inputs drawn with three seeds."""
+    cfg = BranchConfig("cmp", SCALE, BS, 0, interpret=False, static_offset=0)
+    off = jnp.zeros((1,), jnp.int32)
+    fwd = jax.jit(functools.partial(gs.selection_fwd, scale=SCALE, block_size=BS, interpret=False))
+    for seed in (0, 1, 2):
+        q, k, v, _, _ = inputs(t, jnp.bfloat16, seed)
+        kc, vc = reference.mean_pool(k, BS), reference.mean_pool(v, BS)
+        lse = flash_forward(q, kc, vc, off, cfg)[1]
+        idx = select_blocks(q, kc, lse, off, block_size=BS, block_count=S, scale=SCALE,
+                            interpret=False, static_offset=0)  # fmt: skip
+        ms = bench(fwd, q, k, v, idx, off, reps=5)
+        kernel = dict(device_kernels(fwd, q, k, v, idx, off, calls=2)).get("_fwd_chunk_kernel")
+        unused = int(jnp.sum(idx < 0))
+        print(f"seed {seed}: unused slots {unused}, slc fwd {ms:.2f} ms, kernel {kernel} ms")
+
+
+def main() -> None:
+    t = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    print("jax", jax.__version__, jax.devices(), flush=True)
+    fns, args = branch_fns(t)
+    for attr, (name, make) in VARIANTS.items():
+        default = getattr(gs, attr)
+        for flags in FLAGS:
+            setattr(gs, attr, make(**flags) if flags else default)
+            try:
+                f = jax.jit(lambda *xs, _fn=fns[name].__wrapped__: _fn(*xs))
+                ms = bench(f, *args[name], reps=5)
+                top = "; ".join(
+                    f"{n[:30]} {x:.2f}" for n, x in device_kernels(f, *args[name], calls=2)[:4]
+                )
+                print(f"probe T={t} {name} {flags or 'default'}: {ms:.2f} ms | {top}", flush=True)
+                if not flags:
+                    launch_info(f, *args[name])
+            finally:
+                setattr(gs, attr, default)
+    input_dependence(t)
+
+
+if __name__ == "__main__":
+    main()
