@@ -67,12 +67,18 @@ def test_values_and_indices_groups(h, g, tq, tk, off):
 
 @pytest.mark.gpu
 def test_gpu_bf16_against_reference():
-    kw = dict(block_size=64, block_count=16, window_size=128)
+    """Compiled, 24 blocks: static and traced query offsets (their top-k paths differ) against the
+    reference and each other."""
+    kw = dict(block_size=64, block_count=16, window_size=128, return_block_indices=True)
     q, k, v, gates = _inputs(1500, 1500, 2, 7, 128, seed=3, dtype=jnp.bfloat16)
-    o, idx = jax.jit(functools.partial(nsa_gpu, return_block_indices=True, **kw))(q, k, v, *gates)
-    ro, _ = reference.nsa_reference(q, k, v, *gates, return_block_indices=True, **kw)
+    o, idx = jax.jit(functools.partial(nsa_gpu, **kw))(q, k, v, *gates)
+    traced = jax.jit(lambda off, *a: nsa_gpu(*a, q_offset=off, **kw))
+    o_t, idx_t = traced(jnp.int32(0), q, k, v, *gates)
+    ro, _ = reference.nsa_reference(q, k, v, *gates, **kw)
     assert _rel(o, ro) < 1e-2
+    assert _rel(o_t, ro) < 1e-2
     assert idx.shape == (1, 1500, 2, 16)
+    np.testing.assert_array_equal(np.asarray(idx_t), np.asarray(idx))
 
 
 @cpu_only
@@ -98,18 +104,21 @@ def test_top_k_exact_ties(g=7):
 
 
 @cpu_only
-def test_top_k_static_offset_row_widths(g=5):
-    """Static offset 24, 300 queries, block 8: the select runs on rows of width 16, 32 and 64."""
+@pytest.mark.parametrize("static", [True, False])
+def test_top_k_row_widths(static, g=5):
+    """Offset 24, 300 queries, block 8 (40 blocks): a static offset runs the select on rows of
+    width 16, 32 and 64, a traced one on full rows of 64; both match the reference."""
     from pallas_kernels.nsa.gpu_topk import _row_widths, select_blocks
 
-    assert [w for _, _, w in _row_widths(300, 40, 8, 24)] == [16, 32, 64]
+    widths = [w for _, _, w in _row_widths(300, 40, 8, 24 if static else None)]
+    assert widths == ([16, 32, 64] if static else [64])
     q, k, _, _ = _inputs(300, 324, 1, g, 16, seed=6)
     kc = reference.mean_pool(k, 8)
     kw = dict(block_size=8, block_count=4, scale=0.25)
     _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=0.25, q_offset=24)
     want = reference.select_blocks(q, kc, lse, q_offset=24, **kw)
     off = jnp.full((1,), 24, jnp.int32)
-    got = select_blocks(q, kc, lse, off, interpret=True, static_offset=24, **kw)
+    got = select_blocks(q, kc, lse, off, interpret=True, static_offset=24 if static else None, **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

@@ -166,9 +166,11 @@ def _row_widths(tq: int, nb: int, bs: int, off: int | None) -> list[tuple[int, i
     static offset: one range of width NBp.
     """
     nbp = next_pow2(nb)
+    if off is None:
+        return [(0, tq, nbp)]
     out, i0, w = [], 0, 16
     while i0 < tq:
-        i1 = tq if off is None or w >= nbp else min(tq, max(i0, w * bs - off))
+        i1 = tq if w >= nbp else min(tq, max(i0, w * bs - off))
         if i1 > i0:
             out.append((i0, i1, min(w, nbp)))
         i0, w = i1, w * 2
