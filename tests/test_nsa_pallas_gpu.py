@@ -194,20 +194,21 @@ def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "mode,h,g,tq,off,d,dtype",
+    "mode,batch,h,g,tq,off,d,dtype",
     [
-        ("cmp", 4, 7, 1000, 0, 128, jnp.bfloat16),
-        ("cmp", 2, 5, 700, 300, 128, jnp.bfloat16),
-        ("cmp", 1, 8, 300, 5000, 64, jnp.float16),
-        ("swa", 4, 7, 1000, 0, 128, jnp.bfloat16),
-        ("swa", 2, 5, 700, 300, 128, jnp.bfloat16),
-        ("swa", 4, 1, 777, 0, 64, jnp.float16),
+        ("cmp", 1, 4, 7, 1000, 0, 128, jnp.bfloat16),
+        ("cmp", 2, 2, 5, 700, 300, 128, jnp.bfloat16),
+        ("cmp", 1, 1, 8, 300, 5000, 64, jnp.float16),
+        ("swa", 2, 4, 7, 1000, 0, 128, jnp.bfloat16),
+        ("swa", 1, 2, 5, 700, 300, 128, jnp.bfloat16),
+        ("swa", 1, 4, 1, 777, 0, 64, jnp.float16),
     ],
 )
-def test_mosaic_flash_forward(mode, h, g, tq, off, d, dtype):
+def test_mosaic_flash_forward(mode, batch, h, g, tq, off, d, dtype):
     """The Mosaic-GPU forward (Hopper only) against the fp32 reference on the same inputs, and
     against the Triton forward it replaces: o and lse (-inf pattern included)."""
-    q, k, v, _ = _inputs(tq, tq + off, h, g, d, seed=tq, dtype=dtype)
+    rows = [_inputs(tq, tq + off, h, g, d, seed=tq + i, dtype=dtype)[:3] for i in range(batch)]
+    q, k, v = (jnp.concatenate(x, axis=0) for x in zip(*rows, strict=True))
     if not gpu_mosaic.available(q, interpret=False):
         pytest.skip("Mosaic-GPU forward needs a Hopper GPU")
     bs, w = 64, 256
