@@ -1,18 +1,16 @@
-"""NSA (variant `videonsa`) on GPU with Pallas-Triton kernels: `nsa_gpu`.
+"""NSA (variant `videonsa`) on GPU with Pallas kernels: `nsa_gpu`.
 
 Pipeline (q [B, Tq, HQ, D], k/v [B, Tk, H, D], any G = HQ / H):
     kc, vc   = mean_pool(k), mean_pool(v)                          XLA
-    o_cmp    = compression attention + lse                         gpu_flash ("cmp"), forward
-                                                                   gpu_mosaic on Hopper
+    o_cmp    = compression attention + lse                         gpu_flash ("cmp")
     idx      = top-S blocks from (q, kc, lse), no gradient         gpu_topk
     o_slc    = selection attention over idx                        gpu_selection
-    o_swa    = sliding-window attention                            gpu_flash ("swa"), forward
-                                                                   gpu_mosaic on Hopper
+    o_swa    = sliding-window attention                            gpu_flash ("swa")
     o        = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa              XLA (autodiff gives gate grads)
 Each attention branch is a `jax.custom_vjp` whose backward runs the matching Pallas kernels; the
-pooling and the gated sum are differentiated by JAX. On CPU pass interpret=True. The flash
-forwards run the Mosaic-GPU kernels when `gpu_mosaic.available` (Hopper, static query offset),
-else the Triton-lowered ones; the backward is Triton-lowered either way.
+pooling and the gated sum are differentiated by JAX. On CPU pass interpret=True. The two flash
+forwards run `gpu_mosaic` (Mosaic-GPU lowering) when it is available (Hopper) and the query offset
+is static; every other kernel, and those forwards otherwise, are Triton-lowered.
 """
 
 from __future__ import annotations
