@@ -16,7 +16,7 @@ Kernels (rows = packed GQA rows of one KV head, see gpu_common):
              query tiles [R=64, D] that can see it (KV-block-major, no atomics). For "cmp" the long
              query range is cut into `splits` parts whose fp32 partial dk/dv [splits, B, NK, H, D]
              are summed by XLA; "swa" needs one split.
-All three walks visit first the tiles that every row of the tile sees whole (`_whole_key_tiles`,
+All three walks visit first the tiles that every row of the tile sees whole (`whole_key_tiles`,
 `_whole_query_tiles`: no mask, no bounds checks), then the boundary tiles with the mask.
 """
 
@@ -51,14 +51,14 @@ DQ_ROWS, DQ_KEYS, DQ_LAUNCH = 64, 64, (4, 2)
 BWD_ROWS, BWD_KEYS, BWD_LAUNCH = 64, 64, (4, 2)  # dk/dv: query rows per step, resident keys
 
 
-def _visible(mode: str, t: Array, j: Array, nk: int, bs: int, w: int) -> Array:
+def visible(mode: str, t: Array, j: Array, nk: int, bs: int, w: int) -> Array:
     """[R, 1] positions x [1, K] key indices -> bool mask."""
     if mode == "cmp":
         return ((j + 1) * bs - 1 <= t) & (j < nk)
     return (j <= t) & (j > t - w) & (j >= 0) & (j < nk)
 
 
-def _key_range(mode: str, t_lo: Array, t_hi: Array, nk: int, bs: int, w: int):
+def key_range(mode: str, t_lo: Array, t_hi: Array, nk: int, bs: int, w: int):
     """Key index range [lo, hi) any query in [t_lo, t_hi] may see."""
     if mode == "cmp":
         return jnp.int32(0), jnp.minimum((t_hi + 1) // bs, nk)
@@ -72,7 +72,7 @@ def _query_range(mode: str, k_lo: Array, k_hi: Array, off: Array, tq: int, bs: i
     return jnp.maximum(k_lo - off, 0), jnp.clip(k_hi + w - off, 0, tq)
 
 
-def _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, keys):
+def whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, keys):
     """Key tiles [a, b) within [first, stop) whose keys every query in [t_lo, t_hi] sees."""
     if mode == "cmp":
         a, b = first, jnp.minimum((t_lo + 1) // bs, nk) // keys
@@ -115,7 +115,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
     tokens = FWD_ROWS // g
     t_lo = off + tile * tokens
     t_hi = off + jnp.minimum((tile + 1) * tokens, tq) - 1
-    lo, hi = _key_range(mode, t_lo, t_hi, nk, bs, w)
+    lo, hi = key_range(mode, t_lo, t_hi, nk, bs, w)
     c = scale * LOG2E
 
     def body(jt, carry, masked):
@@ -125,7 +125,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
         v = load_block(v_ref, b, j0, FWD_KEYS, h, nk if masked else None)
         s = dot(q, k, trans_b=True) * c
         if masked:
-            mask = _visible(
+            mask = visible(
                 mode, t, (j0 + jnp.arange(FWD_KEYS, dtype=jnp.int32))[None, :], nk, bs, w
             )
             s = jnp.where(mask, s, NEG)
@@ -144,7 +144,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
         jnp.zeros((FWD_ROWS,), jnp.float32),
     )
     first, stop = lo // FWD_KEYS, (hi + FWD_KEYS - 1) // FWD_KEYS
-    a, z = _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, FWD_KEYS)
+    a, z = whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, FWD_KEYS)
     acc, m, den = _split_walk(body, first, a, z, stop, init)
     nonempty = den > 0
     den_safe = jnp.where(nonempty, den, 1.0)
@@ -167,7 +167,7 @@ def _dq_kernel(
     tokens = DQ_ROWS // g
     t_lo = off + tile * tokens
     t_hi = off + jnp.minimum((tile + 1) * tokens, tq) - 1
-    lo, hi = _key_range(mode, t_lo, t_hi, nk, bs, w)
+    lo, hi = key_range(mode, t_lo, t_hi, nk, bs, w)
     c = scale * LOG2E
 
     def body(jt, dq, masked):
@@ -177,12 +177,12 @@ def _dq_kernel(
         p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
         if masked:
             j = (j0 + jnp.arange(DQ_KEYS, dtype=jnp.int32))[None, :]
-            p = jnp.where(_visible(mode, t, j, nk, bs, w), p, 0.0)
+            p = jnp.where(visible(mode, t, j, nk, bs, w), p, 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta)
         return dq + dot(ds.astype(k.dtype), k)
 
     first, stop = lo // DQ_KEYS, (hi + DQ_KEYS - 1) // DQ_KEYS
-    a, z = _whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, DQ_KEYS)
+    a, z = whole_key_tiles(mode, t_lo, t_hi, first, stop, nk, bs, w, DQ_KEYS)
     dq = _split_walk(body, first, a, z, stop, jnp.zeros((DQ_ROWS, d), jnp.float32))
     store_rows(dq_ref, b, tok, head, valid, dq * scale)
 
@@ -228,7 +228,7 @@ def _dkv_kernel(
         q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
         if masked:
-            mask = _visible(mode, (off + tok)[:, None], j, nk, bs, w) & valid[:, None]
+            mask = visible(mode, (off + tok)[:, None], j, nk, bs, w) & valid[:, None]
             p = jnp.where(mask, p, 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta)

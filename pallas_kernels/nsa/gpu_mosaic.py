@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.nsa.gpu_common import LN2, LOG2E, NEG
-from pallas_kernels.nsa.gpu_flash import _key_range, _visible, _whole_key_tiles
+from pallas_kernels.nsa.gpu_flash import key_range, visible, whole_key_tiles
 
 Array = jax.Array
 
@@ -74,7 +74,7 @@ def flash_fwd(
         b, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         tile = n_tiles - 1 - lax.axis_index("q_seq")
         cta_lo = q_offset + tile * rows_cta
-        lo, hi = _key_range(mode, cta_lo, cta_lo + rows_cta - 1, nk, bs, w)
+        lo, hi = key_range(mode, cta_lo, cta_lo + rows_cta - 1, nk, bs, w)
         first = lax.div(lo, BK)
         stop = jnp.maximum(lax.div(hi + BK - 1, BK), first)
 
@@ -90,7 +90,7 @@ def flash_fwd(
             t_lo = q_offset + row0
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, BQ), head], qo, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
-            a, z = _whole_key_tiles(mode, t_lo, t_lo + BQ - 1, first, stop, nk, bs, w, BK)
+            a, z = whole_key_tiles(mode, t_lo, t_lo + BQ - 1, first, stop, nk, bs, w, BK)
             wgmma = plgpu.Layout.WGMMA
             t = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 0, layout=wgmma) + t_lo
             col = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 1, layout=wgmma)
@@ -108,7 +108,7 @@ def flash_fwd(
                 x = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32)) * c
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    mask = _visible(mode, t, col + s * BK, nk, bs, w)
+                    mask = visible(mode, t, col + s * BK, nk, bs, w)
                     x = jnp.where(mask, x, NEG)
                 m_new = jnp.maximum(m, x.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
