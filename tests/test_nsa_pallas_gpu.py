@@ -123,14 +123,17 @@ def test_top_k_row_widths(static, g=5):
 
 
 @cpu_only
-@pytest.mark.parametrize("g,chunk", [(1, 16), (5, 8), (7, 64), (8, 8)])
-def test_selection_chunks_values_and_grads(g, chunk):
+@pytest.mark.parametrize("g,chunk,item", [(1, 16, 1024), (5, 8, 1024), (7, 64, 1024), (8, 8, 4)])
+def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     """KV-block-major selection forward and backward (fused dK/dV + per-slot dq partials).
 
     21 queries at offset 24 of 45 keys, random cotangents; chunk 8 or 16 splits the queries into
-    several chunks (the last one padded), 64 keeps one. Output and q/k/v grads vs the reference.
+    several chunks (the last one padded), 64 keeps one; work items of 4 entries cut every block's
+    entries into several items. Output and q/k/v grads vs the reference.
     """
     from pallas_kernels.nsa import gpu_selection
+
+    monkeypatch.setattr(gpu_selection, "ITEM", item)
 
     q, k, v, _ = _inputs(21, 45, 1, g, 16, seed=10 + g)
     do = jax.random.normal(jax.random.PRNGKey(g), q.shape)
@@ -166,9 +169,11 @@ def test_selection_chunks_values_and_grads(g, chunk):
         ("swa", 5, 200, 200, 0, 1, 200),
     ],
 )
-def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w):
+def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w, monkeypatch):
     """The flash branches at lengths where the walks meet whole (unmasked) tiles of 64 keys / query
-    rows as well as boundary tiles: o, lse, dq, dk, dv against the reference."""
+    rows as well as boundary tiles: o, lse, dq, dk, dv against the reference. The "cmp" dk/dv
+    pass cuts its query range into several splits (one per 2 query tiles here)."""
+    monkeypatch.setattr(gpu_flash, "SPLIT_TILES", 2)
     q, k, v, _ = _inputs(tq, nk, 1, g, 32, seed=tq)
     do = jax.random.normal(jax.random.PRNGKey(1), q.shape)
     kw = dict(mode=mode, scale=0.3, block_size=bs, window=w, interpret=True)

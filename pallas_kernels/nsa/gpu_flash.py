@@ -49,6 +49,7 @@ Array = jax.Array
 FWD_ROWS, FWD_KEYS, FWD_LAUNCH = 64, 64, (4, 2)  # packed query rows, keys per step, launch
 DQ_ROWS, DQ_KEYS, DQ_LAUNCH = 64, 64, (4, 2)
 BWD_ROWS, BWD_KEYS, BWD_LAUNCH = 64, 64, (4, 2)  # dk/dv: query rows per step, resident keys
+SPLIT_TILES, MAX_SPLITS = 128, 64  # "cmp" dk/dv: query tiles per split of the query range
 
 
 def visible(mode: str, t: Array, j: Array, nk: int, bs: int, w: int) -> Array:
@@ -299,7 +300,7 @@ def flash_bwd(
         delta,
     )
     q_tiles = pl.cdiv(tq, BWD_ROWS // g)
-    splits = 1 if mode == "swa" else max(1, min(64, q_tiles // 128))
+    splits = 1 if mode == "swa" else max(1, min(MAX_SPLITS, q_tiles // SPLIT_TILES))
     part = jax.ShapeDtypeStruct((splits, bsz, nk, h, d), jnp.float32)
     dk, dv = call(
         functools.partial(_dkv_kernel, splits=splits, **st),
