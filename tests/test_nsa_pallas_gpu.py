@@ -105,10 +105,14 @@ def test_top_k_exact_ties(g=7):
 
 @cpu_only
 @pytest.mark.parametrize("static", [True, False])
-def test_top_k_row_widths(static, g=5):
+def test_top_k_row_widths(static, monkeypatch, g=5):
     """Offset 24, 300 queries, block 8 (40 blocks): a static offset runs the select on rows of
-    width 16, 32 and 64, a traced one on full rows of 64; both match the reference."""
+    width 16, 32 and 64, a traced one on full rows of 64; both match the reference. The score
+    kernel walks the blocks in tiles of 16 (patched from 128)."""
+    from pallas_kernels.nsa import gpu_topk
     from pallas_kernels.nsa.gpu_topk import _row_widths, select_blocks
+
+    monkeypatch.setattr(gpu_topk, "SCORE_BLOCKS", 16)
 
     widths = [w for _, _, w in _row_widths(300, 40, 8, 24 if static else None)]
     assert widths == ([16, 32, 64] if static else [64])
