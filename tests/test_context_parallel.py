@@ -25,8 +25,8 @@ VIDEO_TOKENS = 24  # grid (6, 4, 4): 96 patches, 24 merged tokens
 LENGTH = 45  # not a multiple of 4 shards nor of block_size 4 (padded to 48 or 64)
 
 
-def _model_and_inputs(kind: str, batch_size: int):
-    attention = AttentionConfig(kind=kind, block_size=4, block_count=3, window_size=8)
+def _model_and_inputs(kind: str, batch_size: int, impl: str = "auto"):
+    attention = AttentionConfig(kind=kind, block_size=4, block_count=3, window_size=8, impl=impl)
     config = dataclasses.replace(tiny_config(), attention=attention)
     model = Qwen2_5_VL(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -54,12 +54,12 @@ def _loss_and_grads(model, inputs, weights):
     return jax.value_and_grad(loss, has_aux=True), params
 
 
-def _run(kind, mesh_sizes, monkeypatch):
+def _run(kind, mesh_sizes, monkeypatch, name=None, impl="auto"):
     calls = []
-    name = "hybrid_attention" if kind == "videonsa" else "dense_attention"
+    name = name or ("hybrid_attention" if kind == "videonsa" else "dense_attention")
     original = getattr(context, name)
     monkeypatch.setattr(context, name, lambda *a, **k: calls.append(1) or original(*a, **k))
-    model, inputs = _model_and_inputs(kind, batch_size=2)
+    model, inputs = _model_and_inputs(kind, batch_size=2, impl=impl)
     weights = jax.random.normal(
         jax.random.key(1), (2, LENGTH, model.config.text.vocab_size), jnp.float32
     )
@@ -75,7 +75,7 @@ def _run(kind, mesh_sizes, monkeypatch):
     )
     (loss, logits), grads = jax.jit(context.with_mesh(fn, mesh))(params, inputs)
 
-    assert calls, f"the sequence-parallel {name} was not used"
+    assert calls, f"context.{name} was not used"
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     flat_ref = dict(nnx.to_flat_state(grads_ref))
@@ -96,6 +96,13 @@ def test_videonsa_context_parallel_matches_single_device(mesh_sizes, monkeypatch
 
 def test_dense_context_parallel_matches_single_device(monkeypatch):
     _run("dense", dict(fsdp=2, context=4), monkeypatch)
+
+
+def test_videonsa_kernels_per_device_match_single_device(monkeypatch):
+    """Context 1 on data 2 x fsdp 2 x tensor 2: the NSA kernels (Pallas, interpret mode) and the
+    dense-row attention run per device through `context.per_device` (XLA would otherwise gather
+    their operands to every device) and give the single-device result."""
+    _run("videonsa", dict(data=2, fsdp=2, tensor=2), monkeypatch, "per_device", impl="pallas")
 
 
 def test_padded_length():

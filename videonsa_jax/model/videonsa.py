@@ -155,7 +155,13 @@ def dense_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, batch:
     """
     safe = jnp.minimum(rows, q.shape[1] - 1)
     q_rows = jnp.take_along_axis(q, safe[:, :, None, None], axis=1)
-    return attention_lib.rows_attention(q_rows, k, v, batch.q_index[safe], batch.kv_valid)
+    return context_lib.per_device(
+        attention_lib.rows_attention,
+        (q_rows, k, v, batch.q_index[safe], batch.kv_valid),
+        ("bthd", "bthd", "bthd", "bt", "bt"),
+        "bthd",
+        heads=(q.shape[2], k.shape[2]),
+    )
 
 
 def _scatter_rows(out: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
@@ -190,11 +196,8 @@ def _videonsa(module: Any, x, q, k, v, batch) -> tuple[jax.Array, dict[str, jax.
     t = q.shape[1]
     q_offset = 0 if k.shape[1] == t else batch.q_index[0]
 
-    def run_nsa():
-        gates = jax.nn.sigmoid(
-            gate_logits(module.g_proj_1, module.g_proj_2, x, cfg.gate_temperature)
-        )
-        o, block_indices = nsa(
+    def local_nsa(q, k, v, gates, *offset):  # a traced offset comes as an argument
+        return nsa(
             q,
             k,
             v,
@@ -206,7 +209,20 @@ def _videonsa(module: Any, x, q, k, v, batch) -> tuple[jax.Array, dict[str, jax.
             window_size=cfg.window_size,
             impl=cfg.impl,
             return_block_indices=True,
-            q_offset=q_offset,
+            q_offset=offset[0] if offset else q_offset,
+        )
+
+    def run_nsa():
+        gates = jax.nn.sigmoid(
+            gate_logits(module.g_proj_1, module.g_proj_2, x, cfg.gate_temperature)
+        )
+        offset = () if isinstance(q_offset, int) else (q_offset,)
+        o, block_indices = context_lib.per_device(
+            local_nsa,
+            (q, k, v, gates, *offset),
+            ("bthd",) * 4 + ("",) * len(offset),
+            ("bthd", "bthd"),
+            heads=(q.shape[2], k.shape[2]),
         )
         return o, gates, block_indices
 

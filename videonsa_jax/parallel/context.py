@@ -102,6 +102,41 @@ def _head_axis(mesh, num_heads: int, num_kv_heads: int) -> str | None:
     return TENSOR if ok else None
 
 
+def per_device(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    roles: Sequence[str],
+    out_roles: Any,
+    heads: tuple[int, int],
+) -> Any:
+    """fn(*args) on each device's shard of the current mesh (plain fn(*args) without one).
+
+    XLA does not partition custom calls such as the Pallas kernels: under a sharded jit it would
+    all-gather their operands and every device would compute the whole batch. Here each array is
+    split over its batch dim (the `data` / `fsdp` axes that divide args[0]'s leading dim) and its
+    heads dim (`tensor`, when it divides both `heads` = (query heads, KV heads)).
+
+    roles: one string per arg (and the same tree as fn's result for out_roles), one letter per
+    dim: "b" batch, "h" heads, any other letter unsplit; "" for a replicated scalar.
+    """
+    mesh = current_mesh()
+    if mesh is None or math.prod(dict(mesh.shape).values()) == 1:
+        return fn(*args)
+    batch = _axes_dividing(mesh, BATCH_AXES, args[0].shape[0])
+    head = _head_axis(mesh, *heads)
+
+    def spec(role: str) -> P:
+        return P(*(batch if c == "b" else head if c == "h" else None for c in role))
+
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(spec(r) for r in roles),
+        out_specs=jax.tree.map(spec, out_roles),
+        check_vma=False,
+    )(*args)
+
+
 # -- decoder inputs --------------------------------------------------------------------------------
 
 
