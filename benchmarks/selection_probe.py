@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -39,48 +40,52 @@ from pallas_kernels.nsa.gpu_common import LOG2E, NEG, dot, load_block, load_grad
 from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 
 
-def _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, rows, q_l2):
-    """fetch(it) -> (valid, loc, slot, tok, tok_load) of the step's packed rows."""
-    per = rows // g
+def _item(refs, part_shape, rows, g, bs, q_l2):
+    """What both chunk kernels derive from their program ids. refs: (off, c0, q, k, v, ent, blk,
+    start, end); part_shape: the partial output's shape [B, C, S, ...]. Returns the work item's
+    fields, kv() -> its K and V block, fetch(it) -> (valid, loc, slot, tok, tok_load) of step it."""
+    off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref = refs
+    w, bh = pl.program_id(0), pl.program_id(1)
+    tq, tk, h_kv = q_ref.shape[1], k_ref.shape[1], k_ref.shape[2]
+    chunk, s_count = part_shape[1], part_shape[2]
+    b, h = bh // h_kv, bh % h_kv
+    n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
+    j0, per = n * bs, rows // g
     r = jnp.arange(rows, dtype=jnp.int32)
 
     def fetch(it):
-        e = e0 + it * per + r // g
-        valid = (r < per * g) & (e < e1)
-        ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
-        valid = valid & (c0 + ent // s_count < tq)
-        loc = jnp.where(valid, ent // s_count, chunk)
-        tok = jnp.where(valid, c0 + loc, tq)
-        tok_load = jnp.where(valid, tok % 1024, tq) if q_l2 else tok
-        return valid, loc, ent % s_count, tok, tok_load
+        step = gs.step_rows(ent_ref, b, h, e0, e1, it, r, g, c0_ref[0], tq, chunk, s_count)
+        valid, tok = step[0], step[3]
+        return *step, (jnp.where(valid, tok % 1024, tq) if q_l2 else tok)
 
-    return fetch, per
+    return SimpleNamespace(
+        b=b,
+        index=(b, h, w),  # of the item's dK / dV partial
+        off=off_ref[0],
+        tk=tk,
+        head=h * g + r % g,
+        j=(j0 + jnp.arange(bs, dtype=jnp.int32))[None, :],
+        dd=jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :],
+        steps=(e1 - e0 + per - 1) // per,
+        kv=lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk)),
+        fetch=fetch,
+    )
 
 
 def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
              po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
-        w, bh = pl.program_id(0), pl.program_id(1)
-        _, tq, _, d = q_ref.shape
-        tk, h_kv = k_ref.shape[1], k_ref.shape[2]
-        _, chunk, s_count, _, _ = po_ref.shape
-        b, h = bh // h_kv, bh % h_kv
-        off, c0 = off_ref[0], c0_ref[0]
-        n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
-        j0 = n * bs
-        kv = lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk))  # noqa: E731
-        k0, v0 = (None, None) if kv_in_loop else kv()
-        j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
-        head = h * g + jnp.arange(gs.FWD_ROWS, dtype=jnp.int32) % g
-        dd = jnp.arange(d, dtype=jnp.int32)[None, :]
-        fetch, per = _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, gs.FWD_ROWS, q_l2)
+        refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
+        it_ = _item(refs, po_ref.shape, gs.FWD_ROWS, g, bs, q_l2)
+        b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
+        k0, v0 = (None, None) if kv_in_loop else it_.kv()
 
         def load(it):
-            valid, loc, slot, tok, tok_load = fetch(it)
+            valid, loc, slot, tok, tok_load = it_.fetch(it)
             return valid, loc, slot, tok, load_rows(q_ref, b, tok_load, head, valid)
 
         def compute(valid, loc, slot, tok, q):
-            k, v = kv() if kv_in_loop else (k0, v0)
+            k, v = it_.kv() if kv_in_loop else (k0, v0)
             mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
             sc = jnp.where(mask, dot(q, k, trans_b=True) * scale * LOG2E, NEG)
             m = jnp.max(sc, axis=1)
@@ -93,7 +98,7 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
             plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
             plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
 
-        steps = (e1 - e0 + per - 1) // per
+        steps = it_.steps
         if prefetch:
             lax.fori_loop(0, steps, lambda it, cur: (compute(*cur), load(it + 1))[1], load(0))
         else:
@@ -105,28 +110,18 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
 def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
              start_ref, end_ref, dk_ref, dv_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
-        w, bh = pl.program_id(0), pl.program_id(1)
-        _, tq, _, d = q_ref.shape
-        tk, h_kv = k_ref.shape[1], k_ref.shape[2]
-        _, chunk, s_count, _, _ = dqp_ref.shape
-        b, h = bh // h_kv, bh % h_kv
-        off, c0 = off_ref[0], c0_ref[0]
-        n, e0, e1 = blk_ref[b, h, w], start_ref[b, h, w], end_ref[b, h, w]
-        j0 = n * bs
-        kv = lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk))  # noqa: E731
-        k0, v0 = (None, None) if kv_in_loop else kv()
-        j = (j0 + jnp.arange(bs, dtype=jnp.int32))[None, :]
-        head = h * g + jnp.arange(gs.BWD_ROWS, dtype=jnp.int32) % g
-        dd = jnp.arange(d, dtype=jnp.int32)[None, :]
-        fetch, per = _walk(ent_ref, b, h, e0, e1, c0, tq, chunk, s_count, g, gs.BWD_ROWS, q_l2)
+        refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
+        it_ = _item(refs, dqp_ref.shape, gs.BWD_ROWS, g, bs, q_l2)
+        b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
+        k0, v0 = (None, None) if kv_in_loop else it_.kv()
 
         def load(it):
-            valid, loc, slot, tok, tok_load = fetch(it)
+            valid, loc, slot, tok, tok_load = it_.fetch(it)
             rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
             return valid, loc, slot, tok, *rows
 
         def compute(dk, dv, valid, loc, slot, tok, q, do, lse2, delta):
-            k, v = kv() if kv_in_loop else (k0, v0)
+            k, v = it_.kv() if kv_in_loop else (k0, v0)
             mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
             p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2), 0.0)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
@@ -138,8 +133,8 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
                 plgpu.store(at, dq, mask=valid[:, None])
             return dk, dv
 
-        zeros = jnp.zeros((bs, d), jnp.float32)
-        steps = (e1 - e0 + per - 1) // per
+        zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
+        steps = it_.steps
         if prefetch:
 
             def body(it, carry):
@@ -149,8 +144,8 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
             dk, dv, _ = lax.fori_loop(0, steps, body, (zeros, zeros, load(0)))
         else:
             dk, dv = lax.fori_loop(0, steps, lambda it, c: compute(*c, *load(it)), (zeros, zeros))
-        dk_ref[b, h, w] = dk * scale
-        dv_ref[b, h, w] = dv
+        dk_ref[it_.index] = dk * scale
+        dv_ref[it_.index] = dv
 
     return kern
 

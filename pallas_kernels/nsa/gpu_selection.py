@@ -65,6 +65,19 @@ FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, s
 BWD_PARTIAL_BYTES = 3 * 2**30  # per-chunk budget of the backward's per-(token, slot) partial dq
 
 
+def step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count):
+    """Packed rows r [R] of step `it` of a work item (entries [e0, e1) of ent_ref[b, h]): row r is
+    entry e0 + it * (R // G) + r // G, query head h * G + r % G. Returns (valid, chunk-local token
+    (`chunk` when invalid: out of bounds), slot, token (`tq` when invalid)), each [R]."""
+    per = r.shape[0] // g
+    e = e0 + it * per + r // g
+    valid = (r < per * g) & (e < e1)
+    ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
+    valid = valid & (c0 + ent // s_count < tq)
+    loc = jnp.where(valid, ent // s_count, chunk)
+    return valid, loc, ent % s_count, jnp.where(valid, c0 + loc, tq)
+
+
 def _bwd_chunk_kernel(
     off_ref,
     c0_ref,
@@ -105,13 +118,7 @@ def _bwd_chunk_kernel(
 
     def body(it, carry):
         dk, dv = carry
-        e = e0 + it * per + r // g
-        valid = (r < per * g) & (e < e1)
-        ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
-        valid = valid & (c0 + ent // s_count < tq)
-        loc = jnp.where(valid, ent // s_count, chunk)  # out of bounds when invalid
-        slot = ent % s_count
-        tok = jnp.where(valid, c0 + loc, tq)
+        valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
         p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
@@ -167,13 +174,7 @@ def _fwd_chunk_kernel(
     c = scale * LOG2E
 
     def body(it, carry):
-        e = e0 + it * per + r // g
-        valid = (r < per * g) & (e < e1)
-        ent = plgpu.load(ent_ref.at[b, h, jnp.where(valid, e, 0)], mask=valid, other=0)
-        valid = valid & (c0 + ent // s_count < tq)
-        loc = jnp.where(valid, ent // s_count, chunk)  # out of bounds when invalid
-        slot = ent % s_count
-        tok = jnp.where(valid, c0 + loc, tq)
+        valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q = load_rows(q_ref, b, tok, head, valid)
         mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
         sc = jnp.where(mask, dot(q, k, trans_b=True) * c, NEG)
