@@ -353,6 +353,9 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
             {"SCORE_TOKENS": 128, "SCORE_LAUNCH": (8, 2)},
             {"SCORE_BLOCKS": 64},
             {"SCORE_BLOCKS": 256},
+            {"SELECT_ELEMS": 2048},
+            {"SELECT_ELEMS": 8192},
+            {"SELECT_WARPS": 8},
         ],
     ),
 }

@@ -1,6 +1,6 @@
 """Where the selection kernels' time goes: diagnostic variants of the per-chunk kernels.
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/selection_probe.py [T]
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/selection_probe.py [T] [variant,...]
 
 Same config as benchmarks/nsa_kernels.py (B=1, 28/4 heads, D=128, block 64, 32 blocks, bf16,
 random inputs). Each variant replaces gpu_selection's forward or backward chunk kernel and is timed
@@ -10,7 +10,10 @@ shared memory, occupancy). Variants (timing only: q_l2 and no_store give wrong v
     no_store    the per-(token, slot) partial output (fwd) / dq (bwd) is not written
     prefetch    the next step's entries and rows are loaded one step ahead (registers)
     kv_in_loop  K and V are re-read every step instead of held in registers
-Then the forward for inputs drawn with other seeds (the selections' dependence on the data).
+    evict       partial stores marked evict_first, row gathers evict_last (keep queries in L2)
+    warps8, warps8_rows128, stages2   other launches (num_warps, rows per step, num_stages)
+Without a variant list, then the forward for inputs drawn with other seeds (the selections'
+dependence on the data).
 """
 
 from __future__ import annotations
@@ -72,7 +75,16 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
     )
 
 
-def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
+def _gather(ref, b, tok, head, valid, evict):
+    """load_rows, optionally asking L2 to keep the gathered rows (evict_last)."""
+    if not evict:
+        return load_rows(ref, b, tok, head, valid)
+    d = jnp.arange(ref.shape[-1], dtype=jnp.int32)
+    at = ref.at[b, tok[:, None], head[:, None], d[None, :]]
+    return plgpu.load(at, mask=valid[:, None], other=0.0, eviction_policy="evict_last")
+
+
+def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
              po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
@@ -82,7 +94,7 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
 
         def load(it):
             valid, loc, slot, tok, tok_load = it_.fetch(it)
-            return valid, loc, slot, tok, load_rows(q_ref, b, tok_load, head, valid)
+            return valid, loc, slot, tok, _gather(q_ref, b, tok_load, head, valid, evict)
 
         def compute(valid, loc, slot, tok, q):
             k, v = it_.kv() if kv_in_loop else (k0, v0)
@@ -94,7 +106,8 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
             o = dot(p.astype(v.dtype), v) / jnp.where(den > 0, den, 1.0)[:, None]
             if store:
                 plgpu.store(po_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
-                            o.astype(po_ref.dtype), mask=valid[:, None])  # fmt: skip
+                            o.astype(po_ref.dtype), mask=valid[:, None],
+                            eviction_policy="evict_first" if evict else None)  # fmt: skip
             plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
             plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
 
@@ -107,7 +120,7 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
     return kern
 
 
-def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
+def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
              start_ref, end_ref, dk_ref, dv_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
@@ -117,6 +130,11 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
 
         def load(it):
             valid, loc, slot, tok, tok_load = it_.fetch(it)
+            if evict:
+                q, do = (_gather(x, b, tok_load, head, valid, True) for x in (q_ref, do_ref))
+                lse2 = plgpu.load(lse_ref.at[b, tok_load, head], mask=valid, other=0.0) * LOG2E
+                delta = plgpu.load(dl_ref.at[b, tok_load, head], mask=valid, other=0.0)
+                return valid, loc, slot, tok, q, do, lse2[:, None], delta[:, None]
             rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
             return valid, loc, slot, tok, *rows
 
@@ -130,7 +148,8 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False):
             if store:
                 dq = (dot(ds, k) * scale).astype(dqp_ref.dtype)
                 at = dqp_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd]
-                plgpu.store(at, dq, mask=valid[:, None])
+                policy = "evict_first" if evict else None
+                plgpu.store(at, dq, mask=valid[:, None], eviction_policy=policy)
             return dk, dv
 
         zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
@@ -154,7 +173,17 @@ VARIANTS = {
     "_fwd_chunk_kernel": ("slc", make_fwd),
     "_bwd_chunk_kernel": ("slc_bwd", make_bwd),
 }
-FLAGS = [{}, {"prefetch": True}, {"kv_in_loop": True}, {"q_l2": True}, {"store": False}]
+VARIANT_FLAGS = {  # name -> flags; "warps" / "stages" / "rows" patch FWD_ or BWD_LAUNCH / _ROWS
+    "default": {},
+    "prefetch": {"prefetch": True},
+    "kv_in_loop": {"kv_in_loop": True},
+    "q_l2": {"q_l2": True},
+    "no_store": {"store": False},
+    "evict": {"evict": True},
+    "warps8": {"warps": 8},
+    "warps8_rows128": {"warps": 8, "rows": 128},
+    "stages2": {"stages": 2},
+}
 
 
 def launch_info(fn, *args) -> None:
@@ -193,24 +222,38 @@ def input_dependence(t: int) -> None:
 
 def main() -> None:
     t = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANT_FLAGS)
     print("jax", jax.__version__, jax.devices(), flush=True)
     fns, args = branch_fns(t)
     for attr, (name, make) in VARIANTS.items():
         default = getattr(gs, attr)
-        for flags in FLAGS:
-            setattr(gs, attr, make(**flags) if flags else default)
+        prefix = "FWD" if name == "slc" else "BWD"
+        saved = {f"{prefix}_{x}": getattr(gs, f"{prefix}_{x}") for x in ("LAUNCH", "ROWS")}
+        for variant in names:
+            flags = dict(VARIANT_FLAGS[variant])
+            warps, stages = saved[f"{prefix}_LAUNCH"]
+            setattr(
+                gs, f"{prefix}_LAUNCH", (flags.pop("warps", warps), flags.pop("stages", stages))
+            )
+            setattr(gs, f"{prefix}_ROWS", flags.pop("rows", saved[f"{prefix}_ROWS"]))
+            setattr(gs, attr, make(**flags))
             try:
                 f = jax.jit(lambda *xs, _fn=fns[name].__wrapped__: _fn(*xs))
                 ms = bench(f, *args[name], reps=5)
                 top = "; ".join(
                     f"{n[:30]} {x:.2f}" for n, x in device_kernels(f, *args[name], calls=2)[:4]
                 )
-                print(f"probe T={t} {name} {flags or 'default'}: {ms:.2f} ms | {top}", flush=True)
-                if not flags:
+                print(f"probe T={t} {name} {variant}: {ms:.2f} ms | {top}", flush=True)
+                if variant == "default":
                     launch_info(f, *args[name])
+            except Exception as e:  # e.g. a launch that exceeds shared memory
+                print(f"probe T={t} {name} {variant}: failed {type(e).__name__}: {str(e)[:300]}")
             finally:
                 setattr(gs, attr, default)
-    input_dependence(t)
+                for key, value in saved.items():
+                    setattr(gs, key, value)
+    if len(sys.argv) <= 2:
+        input_dependence(t)
 
 
 if __name__ == "__main__":

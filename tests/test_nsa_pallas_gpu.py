@@ -237,3 +237,44 @@ def test_mosaic_flash_forward(mode, batch, h, g, tq, off, d, dtype):
     assert _rel(o.astype(jnp.float32), ro) < 5e-3
     assert _rel(o.astype(jnp.float32), to.astype(jnp.float32)) < 5e-3
     np.testing.assert_allclose(np.asarray(lse), np.asarray(tlse), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch,h,g,tq,off,d",
+    [
+        (1, 4, 7, 1000, 0, 128),
+        (2, 2, 5, 700, 300, 128),
+        (1, 1, 1, 777, 5000, 64),
+        (1, 2, 12, 300, 64, 64),
+    ],
+)
+def test_mosaic_importance(batch, h, g, tq, off, d):
+    """The Mosaic-GPU top-k importance (Hopper, static offset) against the Triton score kernel on
+    every entry the select reads (blocks n <= cur of each token), and the selections of both."""
+    from pallas_kernels.nsa import gpu_mosaic_score, gpu_topk
+
+    bs = 64
+    rows = [
+        _inputs(tq, tq + off, h, g, d, seed=tq + i, dtype=jnp.bfloat16)[:2] for i in range(batch)
+    ]
+    q, k = (jnp.concatenate(x, axis=0) for x in zip(*rows, strict=True))
+    kc = reference.mean_pool(k, bs)
+    if not gpu_mosaic_score.available(q, kc, interpret=False):
+        pytest.skip("Mosaic-GPU importance needs a Hopper GPU")
+    offset = jnp.full((1,), off, jnp.int32)
+    kw = dict(scale=d**-0.5, block_size=bs, interpret=False)
+    _, lse = gpu_flash.flash_fwd(q, kc, kc, offset, mode="cmp", window=0, **kw)
+    got = jax.jit(functools.partial(gpu_topk.importance, static_offset=off, **kw))(
+        q, kc, lse, offset
+    )
+    want = gpu_topk.importance(q, kc, lse, offset, **kw)
+    nb = kc.shape[1]
+    assert got.shape[2] >= tq and got.shape[3] >= nb
+    got, want = np.asarray(got)[:, :, :tq, :nb], np.asarray(want)
+    read = np.arange(nb)[None, :] <= ((off + np.arange(tq)) // bs)[:, None]
+    np.testing.assert_allclose(got[..., read], want[..., read], rtol=1e-4, atol=1e-6)
+    sel = dict(block_size=bs, block_count=8, scale=d**-0.5, interpret=False)
+    static = gpu_topk.select_blocks(q, kc, lse, offset, static_offset=off, **sel)
+    traced = gpu_topk.select_blocks(q, kc, lse, offset, **sel)
+    np.testing.assert_array_equal(np.asarray(static), np.asarray(traced))

@@ -4,10 +4,12 @@ importance[t, h, n] = sum over the G query heads of h of exp(s - lse) for blocks
 past ((n+1)*BS - 1 <= t); blocks 0, cur-1, cur (cur = t // BS) are forced to G (the maximum);
 blocks n > cur are invalid (-1). The sum ranks exactly like the reference's mean.
 
-    score   grid (cdiv(Tq, 64), B*H): a tile of 64 tokens x 64 compressed blocks accumulates the G
-            heads' probabilities (loop over heads inside the loop over block tiles; the [64, D]
+    score   grid (cdiv(Tq, 64), B*H): a tile of 64 tokens x 128 compressed blocks accumulates the
+            G heads' probabilities (loop over heads inside the loop over block tiles; the [64, D]
             query tile of one head comes from L1/L2), then writes fp32 importance
             [B, H, Tq, NB] (only the causal part each tile can see: ~half of T*NB*4 bytes per H).
+            On Hopper with a static query offset, `gpu_mosaic_score` computes the same values
+            (its buffer padded to whole tiles).
     select  grid (cdiv(Tq, M), B*H), M = min(16, 4096 // W) rows: the rows [M, W] sit in
             registers, W = NBp (next pow2 of NB), or, when the query offset is static, the
             narrowest power of two >= 16 covering the blocks the tokens can see: one launch per
@@ -30,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.nsa import gpu_mosaic_score
 from pallas_kernels.nsa.gpu_common import call, dot, next_pow2
 
 Array = jax.Array
@@ -177,6 +180,38 @@ def _row_widths(tq: int, nb: int, bs: int, off: int | None) -> list[tuple[int, i
     return out
 
 
+def importance(
+    q: Array,
+    kc: Array,
+    lse: Array,
+    off: Array,
+    *,
+    scale: float,
+    block_size: int,
+    interpret: bool,
+    static_offset: int | None = None,
+) -> Array:
+    """fp32 importance [B, H, Tq', NB'] (module docstring); Tq' >= Tq and NB' >= NB: the Mosaic
+    kernel pads to whole tiles. Only n <= cur of each row is meant to be read."""
+    if static_offset is not None and gpu_mosaic_score.available(q, kc, interpret):
+        return gpu_mosaic_score.importance(
+            q, kc, lse, scale=scale, block_size=block_size, q_offset=static_offset
+        )
+    bsz, tq, hq, _ = q.shape
+    nb, h = kc.shape[1], kc.shape[2]
+    return call(
+        functools.partial(_score_kernel, g=hq // h, scale=scale, bs=block_size),
+        (pl.cdiv(tq, SCORE_TOKENS), bsz * h),
+        jax.ShapeDtypeStruct((bsz, h, tq, nb), jnp.float32),
+        interpret,
+        *SCORE_LAUNCH,
+        off,
+        q,
+        kc,
+        lse,
+    )
+
+
 def select_blocks(
     q: Array,
     kc: Array,
@@ -193,19 +228,17 @@ def select_blocks(
 
     static_offset: the value of `off` when known at trace time (narrower select rows).
     """
-    bsz, tq, hq, _ = q.shape
+    bsz, tq = q.shape[:2]
     nb, h = kc.shape[1], kc.shape[2]
-    g = hq // h
-    imp = call(
-        functools.partial(_score_kernel, g=g, scale=scale, bs=block_size),
-        (pl.cdiv(tq, SCORE_TOKENS), bsz * h),
-        jax.ShapeDtypeStruct((bsz, h, tq, nb), jnp.float32),
-        interpret,
-        *SCORE_LAUNCH,
-        off,
+    imp = importance(
         q,
         kc,
         lse,
+        off,
+        scale=scale,
+        block_size=block_size,
+        interpret=interpret,
+        static_offset=static_offset,
     )
     parts = []
     for i0, i1, width in _row_widths(tq, nb, block_size, static_offset):
