@@ -63,7 +63,8 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
 
     return SimpleNamespace(
         b=b,
-        index=(b, h, w),  # of the item's dK / dV partial
+        index=(b, h, w),
+        block=n,
         off=off_ref[0],
         tk=tk,
         head=h * g + r % g,
@@ -122,7 +123,8 @@ def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=Fal
 
 def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
-             start_ref, end_ref, dk_ref, dv_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
+             start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
+             dk_part_ref, dv_part_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
         it_ = _item(refs, dqp_ref.shape, gs.BWD_ROWS, g, bs, q_l2)
         b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
@@ -163,8 +165,8 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=Fal
             dk, dv, _ = lax.fori_loop(0, steps, body, (zeros, zeros, load(0)))
         else:
             dk, dv = lax.fori_loop(0, steps, lambda it, c: compute(*c, *load(it)), (zeros, zeros))
-        dk_ref[it_.index] = dk * scale
-        dv_ref[it_.index] = dv
+        grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
+        gs.add_block_grads(grads, it_.index, it_.block, dk * scale, dv)
 
     return kern
 

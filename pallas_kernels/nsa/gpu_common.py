@@ -85,13 +85,24 @@ def load_block(ref, b: Array, start: Array, size: int, h: Array, n_valid: Array 
     return plgpu.load(ref.at[b, pl.ds(start, size), h, :], mask=mask[:, None], other=0.0)
 
 
-def call(kernel, grid, out_shape, interpret: bool, num_warps: int, num_stages: int, *args):
-    """pallas_call with whole-array refs (the kernels index them themselves)."""
+def call(
+    kernel,
+    grid,
+    out_shape,
+    interpret: bool,
+    num_warps: int,
+    num_stages: int,
+    *args,
+    aliases: dict[int, int] | None = None,
+):
+    """pallas_call with whole-array refs (the kernels index them themselves); aliases: input
+    index -> output index updated in place."""
     return pl.pallas_call(
         kernel,
         grid=grid,
         out_shape=out_shape,
         interpret=interpret,
+        input_output_aliases=aliases or {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )(*args)
 

@@ -20,17 +20,18 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              its entries stream through; p is recomputed from lse. It accumulates dK/dV for the
              block in fp32 registers and writes each (token, slot)'s dq = ds @ K (in q.dtype) to
              a partial [B, C, S, HQ, D]; XLA sums the S partials per (token, head) (unused slots
-             masked with where) and scatter-adds the per-item dK/dV partials [B, H, items, BS, D]
-             into fp32 block accumulators. No atomics, no per-token walk over the S blocks (which
-             read 1 MiB of K/V per (token, KV head)): at 128K 72.4 ms vs 100.6 ms for the walk +
-             a separate dK/dV pass.
+             masked with where). A block's only work item adds its dK/dV to the fp32 block
+             accumulators in place (aliased); the items of a block cut into several (block 0,
+             the blocks of early chunks) write partials that XLA scatter-adds. No atomics, no
+             per-token walk over the S blocks (which read 1 MiB of K/V per (token, KV head)): at
+             128K 72.4 ms vs 100.6 ms for the walk + a separate dK/dV pass.
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
 Memory: partial o (fwd) C*S*HQ*(D*itemsize + 8) bytes per chunk (3.9 GB at 128K, bf16) or dq (bwd)
 C*S*HQ*D*itemsize (3.0 GB at 128K); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
-accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk item partials of the same size with
-items <= NB + C*S / ITEM.
+accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk partials of the items of blocks cut into
+several, 2 * 4*B*H*NM*BS*D bytes with NM <= 2*C*S / ITEM + 1.
 """
 
 from __future__ import annotations
@@ -91,14 +92,23 @@ def _bwd_chunk_kernel(
     blk_ref,
     start_ref,
     end_ref,
+    single_ref,
+    pslot_ref,
+    _dk_in,
+    _dv_in,
     dk_ref,
     dv_ref,
+    dk_part_ref,
+    dv_part_ref,
     dqp_ref,
     *,
     g,
     scale,
     bs,
 ):
+    """dk_ref/dv_ref: the fp32 block accumulators [B, H, NB + 1, BS, D] (aliasing _dk_in/_dv_in);
+    the only item of its block adds to them in place, the items of a block cut into several write
+    dk_part/dv_part [B, H, NM, BS, D] at their pslot (summed by XLA)."""
     w, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
     tk, h_kv = k_ref.shape[1], k_ref.shape[2]
@@ -134,8 +144,27 @@ def _bwd_chunk_kernel(
 
     zeros = jnp.zeros((bs, d), jnp.float32)
     dk, dv = lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, (zeros, zeros))
-    dk_ref[b, h, w] = dk * scale
-    dv_ref[b, h, w] = dv
+    grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
+    add_block_grads(grads, (b, h, w), n, dk * scale, dv)
+
+
+def add_block_grads(refs, item, n, dk, dv) -> None:
+    """A backward work item's dK, dV [BS, D] fp32: added in place to block n's accumulator when
+    the item is the block's only one, else written to the item's partial slot. refs: (dk, dv
+    accumulators, dk, dv partials, single, pslot); item: (b, h, w); n: its block (-1 = none)."""
+    dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref = refs
+    b, h, _ = item
+    single = single_ref[item] != 0
+
+    @pl.when((n >= 0) & single)
+    def _():
+        dk_ref[b, h, n] = dk_ref[b, h, n] + dk
+        dv_ref[b, h, n] = dv_ref[b, h, n] + dv
+
+    @pl.when((n >= 0) & ~single)
+    def _():
+        dk_part_ref[b, h, pslot_ref[item]] = dk
+        dv_part_ref[b, h, pslot_ref[item]] = dv
 
 
 def _fwd_chunk_kernel(
@@ -322,6 +351,26 @@ def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
     )
 
 
+def _multi_item_slots(blk: Array, n_multi: int, nb: int) -> tuple[Array, Array, Array]:
+    """Which work items add to their block's dK/dV accumulator in place (the block's only item)
+    and where the others write: blk [B, H, NI] (items of a block are consecutive, -1 = none) ->
+    single int32 [B, H, NI], pslot int32 [B, H, NI] (< n_multi), and each partial's block
+    [B, H, n_multi] (nb, a discarded accumulator row, for unused partials)."""
+    bsz, h, _ = blk.shape
+    edge = jnp.full((bsz, h, 1), -2, blk.dtype)
+    prev = jnp.concatenate([edge, blk[..., :-1]], axis=-1)
+    nxt = jnp.concatenate([blk[..., 1:], edge], axis=-1)
+    real = blk >= 0
+    single = real & (prev != blk) & (nxt != blk)
+    multi = (real & ~single).astype(jnp.int32)
+    pslot = jnp.cumsum(multi, axis=-1) - multi
+    b_ix = jnp.arange(bsz)[:, None, None]
+    h_ix = jnp.arange(h)[None, :, None]
+    seg = jnp.full((bsz, h, n_multi), nb, jnp.int32)
+    seg = seg.at[b_ix, h_ix, jnp.where(multi > 0, pslot, n_multi)].set(blk, mode="drop")
+    return single.astype(jnp.int32), jnp.where(multi > 0, pslot, 0), seg
+
+
 def selection_bwd(
     q,
     k,
@@ -351,6 +400,8 @@ def selection_bwd(
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     kern = functools.partial(_bwd_chunk_kernel, g=g, scale=scale, bs=block_size)
+    # Items of blocks cut into several: such a block has > ITEM entries, so <= 2 * entries / ITEM.
+    n_multi = min(nb + -(-chunk * s // ITEM), 2 * (chunk * s) // ITEM + 1)
     b_ix = jnp.arange(bsz)[:, None, None]
     h_ix = jnp.arange(h)[None, :, None]
 
@@ -359,30 +410,23 @@ def selection_bwd(
         c0 = ci * chunk
         idx_c = lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1)
         ent, blk, start, end = _inverse_index(idx_c, nb)
-        part = jax.ShapeDtypeStruct((bsz, h, blk.shape[-1], block_size, d), jnp.float32)
+        single, pslot, seg = _multi_item_slots(blk, n_multi, nb)
+        part = jax.ShapeDtypeStruct((bsz, h, n_multi, block_size, d), jnp.float32)
         dqp_shape = jax.ShapeDtypeStruct((bsz, chunk, s, hq, d), q.dtype)
-        dk_p, dv_p, dqp = call(
+        args = (off, c0.reshape(1), q, k, v, do, lse, delta, ent, blk, start, end, single, pslot)
+        dk, dv, dk_p, dv_p, dqp = call(
             kern,
             (blk.shape[-1], bsz * h),
-            (part, part, dqp_shape),
+            (jax.ShapeDtypeStruct(dk.shape, dk.dtype),) * 2 + (part, part, dqp_shape),
             interpret,
             *BWD_LAUNCH,
-            off,
-            c0.reshape(1),
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            ent,
-            blk,
-            start,
-            end,
+            *args,
+            dk,
+            dv,
+            aliases={len(args): 0, len(args) + 1: 1},
         )
         ok = jnp.repeat((idx_c >= 0).transpose(0, 1, 3, 2), g, axis=3)[..., None]
         dq_c = jnp.sum(jnp.where(ok, dqp.astype(jnp.float32), 0.0), axis=2).astype(q.dtype)
-        seg = jnp.where(blk >= 0, blk, nb)
         return (
             lax.dynamic_update_slice_in_dim(dq, dq_c, c0, axis=1),
             dk.at[b_ix, h_ix, seg].add(dk_p),

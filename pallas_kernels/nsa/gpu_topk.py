@@ -10,7 +10,7 @@ blocks n > cur are invalid (-1). The sum ranks exactly like the reference's mean
             [B, H, Tq, NB] (only the causal part each tile can see: ~half of T*NB*4 bytes per H).
             On Hopper with a static query offset, `gpu_mosaic_score` computes the same values
             (its buffer padded to whole tiles).
-    select  grid (cdiv(Tq, M), B*H), M = min(16, 4096 // W) rows: the rows [M, W] sit in
+    select  grid (cdiv(Tq, M), B*H), M = min(16, 2048 // W) rows: the rows [M, W] sit in
             registers, W = NBp (next pow2 of NB), or, when the query offset is static, the
             narrowest power of two >= 16 covering the blocks the tokens can see: one launch per
             token range of equal W (2/3 of the work of full rows at 128K). A bisection on the
@@ -38,7 +38,7 @@ from pallas_kernels.nsa.gpu_common import call, dot, next_pow2
 Array = jax.Array
 
 SCORE_TOKENS, SCORE_BLOCKS, SCORE_LAUNCH = 64, 128, (4, 2)  # tile, (num_warps, num_stages)
-SELECT_ELEMS, SELECT_WARPS = 4096, 4  # importance values per select program, its warps
+SELECT_ELEMS, SELECT_WARPS = 2048, 2  # importance values per select program, its warps
 
 
 def _score_kernel(off_ref, q_ref, kc_ref, lse_ref, imp_ref, *, g, scale, bs):
