@@ -8,12 +8,11 @@ whole (ms) and per device kernel (profiler); the default also prints its launch 
 shared memory, occupancy). Variants (timing only: q_l2 and no_store give wrong values):
     q_l2        gathers read queries of a 1024-token window: always L2 hits
     no_store    the per-(token, slot) partial output (fwd) / dq (bwd) is not written
-    prefetch    the next step's entries and rows are loaded one step ahead (registers)
-    kv_in_loop  K and V are re-read every step instead of held in registers
     evict       partial stores marked evict_first, row gathers evict_last (keep queries in L2)
     warps8, warps8_rows128, stages2   other launches (num_warps, rows per step, num_stages)
 Without a variant list, then the forward for inputs drawn with other seeds (the selections'
-dependence on the data).
+dependence on the data). Register prefetch and per-step K/V re-reads lost (RESULTS.md, 2026-11-25)
+and were dropped.
 """
 
 from __future__ import annotations
@@ -46,7 +45,8 @@ from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 def _item(refs, part_shape, rows, g, bs, q_l2):
     """What both chunk kernels derive from their program ids. refs: (off, c0, q, k, v, ent, blk,
     start, end); part_shape: the partial output's shape [B, C, S, ...]. Returns the work item's
-    fields, kv() -> its K and V block, fetch(it) -> (valid, loc, slot, tok, tok_load) of step it."""
+    fields, kv() -> its K and V block, fetch(it) -> (valid, loc, slot, tok, tok_load) of step it,
+    and its step count split into (masked, all)."""
     off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref = refs
     w, bh = pl.program_id(0), pl.program_id(1)
     tq, tk, h_kv = q_ref.shape[1], k_ref.shape[1], k_ref.shape[2]
@@ -61,6 +61,7 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
         valid, tok = step[0], step[3]
         return *step, (jnp.where(valid, tok % 1024, tq) if q_l2 else tok)
 
+    pos0 = off_ref[0] + c0_ref[0]
     return SimpleNamespace(
         b=b,
         index=(b, h, w),
@@ -70,6 +71,7 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
         head=h * g + r % g,
         j=(j0 + jnp.arange(bs, dtype=jnp.int32))[None, :],
         dd=jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :],
+        masked=gs.masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), pos0, s_count, per),
         steps=(e1 - e0 + per - 1) // per,
         kv=lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk)),
         fetch=fetch,
@@ -85,65 +87,64 @@ def _gather(ref, b, tok, head, valid, evict):
     return plgpu.load(at, mask=valid[:, None], other=0.0, eviction_policy="evict_last")
 
 
-def make_fwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=False):
+def make_fwd(q_l2=False, store=True, evict=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
              po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
         it_ = _item(refs, po_ref.shape, gs.FWD_ROWS, g, bs, q_l2)
         b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
-        k0, v0 = (None, None) if kv_in_loop else it_.kv()
+        k, v = it_.kv()
 
-        def load(it):
+        def step(it, carry, masked):
             valid, loc, slot, tok, tok_load = it_.fetch(it)
-            return valid, loc, slot, tok, _gather(q_ref, b, tok_load, head, valid, evict)
-
-        def compute(valid, loc, slot, tok, q):
-            k, v = it_.kv() if kv_in_loop else (k0, v0)
-            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
-            sc = jnp.where(mask, dot(q, k, trans_b=True) * scale * LOG2E, NEG)
+            q = _gather(q_ref, b, tok_load, head, valid, evict)
+            sc = dot(q, k, trans_b=True) * scale * LOG2E
+            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk) if masked else None
+            if masked:
+                sc = jnp.where(mask, sc, NEG)
             m = jnp.max(sc, axis=1)
-            p = jnp.where(mask, jnp.exp2(sc - m[:, None]), 0.0)
+            p = jnp.exp2(sc - m[:, None])
+            if masked:
+                p = jnp.where(mask, p, 0.0)
             den = jnp.sum(p, axis=1)
-            o = dot(p.astype(v.dtype), v) / jnp.where(den > 0, den, 1.0)[:, None]
+            o = dot(p.astype(v.dtype), v) * (1.0 / jnp.where(den > 0, den, 1.0))[:, None]
             if store:
                 plgpu.store(po_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
                             o.astype(po_ref.dtype), mask=valid[:, None],
                             eviction_policy="evict_first" if evict else None)  # fmt: skip
             plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
             plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
+            return carry
 
-        steps = it_.steps
-        if prefetch:
-            lax.fori_loop(0, steps, lambda it, cur: (compute(*cur), load(it + 1))[1], load(0))
-        else:
-            lax.fori_loop(0, steps, lambda it, x: (compute(*load(it)), x)[1], jnp.int32(0))
+        lax.fori_loop(0, it_.masked, functools.partial(step, masked=True), jnp.int32(0))
+        lax.fori_loop(it_.masked, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
 
     return kern
 
 
-def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=False):
+def make_bwd(q_l2=False, store=True, evict=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
              start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
              dk_part_ref, dv_part_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
         it_ = _item(refs, dqp_ref.shape, gs.BWD_ROWS, g, bs, q_l2)
         b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
-        k0, v0 = (None, None) if kv_in_loop else it_.kv()
+        k, v = it_.kv()
 
-        def load(it):
+        def step(it, carry, masked):
+            dk, dv = carry
             valid, loc, slot, tok, tok_load = it_.fetch(it)
             if evict:
                 q, do = (_gather(x, b, tok_load, head, valid, True) for x in (q_ref, do_ref))
                 lse2 = plgpu.load(lse_ref.at[b, tok_load, head], mask=valid, other=0.0) * LOG2E
                 delta = plgpu.load(dl_ref.at[b, tok_load, head], mask=valid, other=0.0)
-                return valid, loc, slot, tok, q, do, lse2[:, None], delta[:, None]
-            rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
-            return valid, loc, slot, tok, *rows
-
-        def compute(dk, dv, valid, loc, slot, tok, q, do, lse2, delta):
-            k, v = it_.kv() if kv_in_loop else (k0, v0)
-            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
-            p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2), 0.0)
+                lse2, delta = lse2[:, None], delta[:, None]
+            else:
+                rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
+                q, do, lse2, delta = rows
+            p = jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2)
+            if masked:
+                p = jnp.where(valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk), p, 0.0)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
             dk = dk + dot(ds, q, trans_a=True)
@@ -155,16 +156,8 @@ def make_bwd(q_l2=False, store=True, prefetch=False, kv_in_loop=False, evict=Fal
             return dk, dv
 
         zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
-        steps = it_.steps
-        if prefetch:
-
-            def body(it, carry):
-                dk, dv, cur = carry
-                return (*compute(dk, dv, *cur), load(it + 1))
-
-            dk, dv, _ = lax.fori_loop(0, steps, body, (zeros, zeros, load(0)))
-        else:
-            dk, dv = lax.fori_loop(0, steps, lambda it, c: compute(*c, *load(it)), (zeros, zeros))
+        acc = lax.fori_loop(0, it_.masked, functools.partial(step, masked=True), (zeros, zeros))
+        dk, dv = lax.fori_loop(it_.masked, it_.steps, functools.partial(step, masked=False), acc)
         grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
         gs.add_block_grads(grads, it_.index, it_.block, dk * scale, dv)
 
@@ -177,8 +170,6 @@ VARIANTS = {
 }
 VARIANT_FLAGS = {  # name -> flags; "warps" / "stages" / "rows" patch FWD_ or BWD_LAUNCH / _ROWS
     "default": {},
-    "prefetch": {"prefetch": True},
-    "kv_in_loop": {"kv_in_loop": True},
     "q_l2": {"q_l2": True},
     "no_store": {"store": False},
     "evict": {"evict": True},
