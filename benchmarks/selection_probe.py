@@ -9,7 +9,8 @@ shared memory, occupancy). Variants (timing only: q_l2 and no_store give wrong v
     q_l2        gathers read queries of a 1024-token window: always L2 hits
     no_store    the per-(token, slot) partial output (fwd) / dq (bwd) is not written
     evict       partial stores marked evict_first, row gathers evict_last (keep queries in L2)
-    warps8, warps8_rows128, stages2   other launches (num_warps, rows per step, num_stages)
+    split       steps whose rows all see the whole block skip the causal mask (a second loop)
+    warps8, warps8_rows128, stages2, stages1   other launches (num_warps, rows per step, num_stages)
 Without a variant list, then the forward for inputs drawn with other seeds (the selections'
 dependence on the data). Register prefetch and per-step K/V re-reads lost (RESULTS.md, 2026-11-25)
 and were dropped.
@@ -38,7 +39,15 @@ from benchmarks.nsa_kernels import BS, SCALE, S, branch_fns, device_kernels, inp
 from pallas_kernels.nsa import gpu_selection as gs  # noqa: E402
 from pallas_kernels.nsa import reference  # noqa: E402
 from pallas_kernels.nsa.gpu import BranchConfig, flash_forward  # noqa: E402
-from pallas_kernels.nsa.gpu_common import LOG2E, NEG, dot, load_block, load_grad_rows, load_rows  # noqa: E402
+from pallas_kernels.nsa.gpu_common import (  # noqa: E402
+    LOG2E,
+    NEG,
+    dot,
+    load_block,
+    load_grad_rows,
+    load_rows,
+    next_pow2,
+)
 from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 
 
@@ -71,11 +80,28 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
         head=h * g + r % g,
         j=(j0 + jnp.arange(bs, dtype=jnp.int32))[None, :],
         dd=jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :],
-        masked=gs.masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), pos0, s_count, per),
+        masked=_masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), pos0, s_count, per),
         steps=(e1 - e0 + per - 1) // per,
         kv=lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk)),
         fetch=fetch,
     )
+
+
+def _masked_steps(ent_ref, item, block, pos0, s_count: int, per: int) -> jax.Array:
+    """How many leading steps of a work item need the causal mask. item: (b, h, e0, e1), its
+    entries in ascending token order; block: (j0, bs, tk), its first key, size and the key count;
+    pos0: position of chunk token 0. Only tokens t with pos0 + t < j0 + bs - 1 (the block's own,
+    forced, at most bs - 1 entries, all at the front) see part of the block; the other steps skip
+    the mask (their padding rows read zero q / do and are not stored). Every step when the block
+    runs past the keys."""
+    b, h, e0, e1 = item
+    j0, bs, tk = block
+    e = e0 + jnp.arange(next_pow2(bs), dtype=jnp.int32)
+    ok = e < e1
+    ent = plgpu.load(ent_ref.at[b, h, jnp.where(ok, e, 0)], mask=ok, other=0)
+    own = jnp.sum((ok & (pos0 + ent // s_count < j0 + bs - 1)).astype(jnp.int32))
+    steps = (e1 - e0 + per - 1) // per
+    return jnp.where(j0 + bs <= tk, jnp.minimum((own + per - 1) // per, steps), steps)
 
 
 def _gather(ref, b, tok, head, valid, evict):
@@ -87,7 +113,7 @@ def _gather(ref, b, tok, head, valid, evict):
     return plgpu.load(at, mask=valid[:, None], other=0.0, eviction_policy="evict_last")
 
 
-def make_fwd(q_l2=False, store=True, evict=False):
+def make_fwd(q_l2=False, store=True, evict=False, split=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
              po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
@@ -116,13 +142,14 @@ def make_fwd(q_l2=False, store=True, evict=False):
             plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
             return carry
 
-        lax.fori_loop(0, it_.masked, functools.partial(step, masked=True), jnp.int32(0))
-        lax.fori_loop(it_.masked, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
+        cut = it_.masked if split else it_.steps
+        lax.fori_loop(0, cut, functools.partial(step, masked=True), jnp.int32(0))
+        lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
 
     return kern
 
 
-def make_bwd(q_l2=False, store=True, evict=False):
+def make_bwd(q_l2=False, store=True, evict=False, split=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
              start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
              dk_part_ref, dv_part_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
@@ -156,8 +183,9 @@ def make_bwd(q_l2=False, store=True, evict=False):
             return dk, dv
 
         zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
-        acc = lax.fori_loop(0, it_.masked, functools.partial(step, masked=True), (zeros, zeros))
-        dk, dv = lax.fori_loop(it_.masked, it_.steps, functools.partial(step, masked=False), acc)
+        cut = it_.masked if split else it_.steps
+        acc = lax.fori_loop(0, cut, functools.partial(step, masked=True), (zeros, zeros))
+        dk, dv = lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), acc)
         grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
         gs.add_block_grads(grads, it_.index, it_.block, dk * scale, dv)
 
@@ -173,9 +201,12 @@ VARIANT_FLAGS = {  # name -> flags; "warps" / "stages" / "rows" patch FWD_ or BW
     "q_l2": {"q_l2": True},
     "no_store": {"store": False},
     "evict": {"evict": True},
+    "split": {"split": True},
+    "split_no_store": {"split": True, "store": False},
     "warps8": {"warps": 8},
     "warps8_rows128": {"warps": 8, "rows": 128},
     "stages2": {"stages": 2},
+    "stages1": {"stages": 1},
 }
 
 

@@ -53,7 +53,6 @@ from pallas_kernels.nsa.gpu_common import (
     load_block,
     load_grad_rows,
     load_rows,
-    next_pow2,
 )
 
 Array = jax.Array
@@ -127,13 +126,12 @@ def _bwd_chunk_kernel(
     dd = jnp.arange(d, dtype=jnp.int32)[None, :]
     c = scale * LOG2E
 
-    def body(it, carry, masked: bool):
+    def body(it, carry):
         dk, dv = carry
         valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
-        p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
-        if masked:
-            p = jnp.where(valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk), p, 0.0)
+        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
+        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
         dk = dk + dot(ds, q, trans_a=True)
@@ -144,11 +142,8 @@ def _bwd_chunk_kernel(
         )
         return dk, dv
 
-    steps = (e1 - e0 + per - 1) // per
-    n_masked = masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), off + c0, s_count, per)
     zeros = jnp.zeros((bs, d), jnp.float32)
-    dk, dv = lax.fori_loop(0, n_masked, functools.partial(body, masked=True), (zeros, zeros))
-    dk, dv = lax.fori_loop(n_masked, steps, functools.partial(body, masked=False), (dk, dv))
+    dk, dv = lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, (zeros, zeros))
     grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
     add_block_grads(grads, (b, h, w), n, dk * scale, dv)
 
@@ -207,17 +202,13 @@ def _fwd_chunk_kernel(
     dd = jnp.arange(d, dtype=jnp.int32)[None, :]
     c = scale * LOG2E
 
-    def body(it, carry, masked: bool):
+    def body(it, carry):
         valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q = load_rows(q_ref, b, tok, head, valid)
-        sc = dot(q, k, trans_b=True) * c
-        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk) if masked else None
-        if masked:
-            sc = jnp.where(mask, sc, NEG)
+        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
+        sc = jnp.where(mask, dot(q, k, trans_b=True) * c, NEG)
         m = jnp.max(sc, axis=1)
-        p = jnp.exp2(sc - m[:, None])
-        if masked:
-            p = jnp.where(mask, p, 0.0)
+        p = jnp.where(mask, jnp.exp2(sc - m[:, None]), 0.0)
         den = jnp.sum(p, axis=1)
         o = dot(p.astype(v.dtype), v) * (1.0 / jnp.where(den > 0, den, 1.0))[:, None]
         plgpu.store(
@@ -229,27 +220,7 @@ def _fwd_chunk_kernel(
         plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
         return carry
 
-    steps = (e1 - e0 + per - 1) // per
-    n_masked = masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), off + c0, s_count, per)
-    lax.fori_loop(0, n_masked, functools.partial(body, masked=True), jnp.int32(0))
-    lax.fori_loop(n_masked, steps, functools.partial(body, masked=False), jnp.int32(0))
-
-
-def masked_steps(ent_ref, item, block, pos0, s_count: int, per: int) -> Array:
-    """How many leading steps of a work item need the causal mask. item: (b, h, e0, e1), its
-    entries in ascending token order; block: (j0, bs, tk), its first key, size and the key count;
-    pos0: position of chunk token 0. Only tokens t with pos0 + t < j0 + bs - 1 (the block's own,
-    forced, at most bs - 1 entries, all at the front) see part of the block; the other steps skip
-    the mask (their padding rows read zero q / do and are not stored). Every step when the block
-    runs past the keys."""
-    b, h, e0, e1 = item
-    j0, bs, tk = block
-    e = e0 + jnp.arange(next_pow2(bs), dtype=jnp.int32)
-    ok = e < e1
-    ent = plgpu.load(ent_ref.at[b, h, jnp.where(ok, e, 0)], mask=ok, other=0)
-    own = jnp.sum((ok & (pos0 + ent // s_count < j0 + bs - 1)).astype(jnp.int32))
-    steps = (e1 - e0 + per - 1) // per
-    return jnp.where(j0 + bs <= tk, jnp.minimum((own + per - 1) // per, steps), steps)
+    lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, jnp.int32(0))
 
 
 def _chunk_size(tq: int, per_token: int, budget: float) -> int:
