@@ -115,7 +115,7 @@ def _gather(ref, b, tok, head, valid, evict):
 
 def make_fwd(q_l2=False, store=True, evict=False, split=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
-             po_ref, pm_ref, pl_ref, *, g, scale, bs):  # fmt: skip
+             po_ref, pls_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
         it_ = _item(refs, po_ref.shape, gs.FWD_ROWS, g, bs, q_l2)
         b, head, j, dd, tk, off = it_.b, it_.head, it_.j, it_.dd, it_.tk, it_.off
@@ -125,21 +125,18 @@ def make_fwd(q_l2=False, store=True, evict=False, split=False):
             valid, loc, slot, tok, tok_load = it_.fetch(it)
             q = _gather(q_ref, b, tok_load, head, valid, evict)
             sc = dot(q, k, trans_b=True) * scale * LOG2E
-            mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk) if masked else None
             if masked:
-                sc = jnp.where(mask, sc, NEG)
+                last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)
+                sc = jnp.where(j <= last[:, None], sc, NEG)
             m = jnp.max(sc, axis=1)
             p = jnp.exp2(sc - m[:, None])
-            if masked:
-                p = jnp.where(mask, p, 0.0)
             den = jnp.sum(p, axis=1)
-            o = dot(p.astype(v.dtype), v) * (1.0 / jnp.where(den > 0, den, 1.0))[:, None]
+            o = dot(p.astype(v.dtype), v) * (1.0 / den)[:, None]
             if store:
                 plgpu.store(po_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
                             o.astype(po_ref.dtype), mask=valid[:, None],
                             eviction_policy="evict_first" if evict else None)  # fmt: skip
-            plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
-            plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
+            plgpu.store(pls_ref.at[b, loc, slot, head], m + jnp.log2(den), mask=valid)
             return carry
 
         cut = it_.masked if split else it_.steps
@@ -171,7 +168,8 @@ def make_bwd(q_l2=False, store=True, evict=False, split=False):
                 q, do, lse2, delta = rows
             p = jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2)
             if masked:
-                p = jnp.where(valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk), p, 0.0)
+                last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)
+                p = jnp.where(j <= last[:, None], p, 0.0)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
             dk = dk + dot(ds, q, trans_a=True)

@@ -9,7 +9,7 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              (below), then grid (items, B*H): a program loads its [BS, D] K and V block once and
              streams the gathered packed rows [64, D] (64 // G tokens x G heads) of the entries
              that selected it, writing each (token, slot)'s own softmax: o normalised, in q.dtype
-             [B, C, S, HQ, D], and max (log2 units) and sum, fp32 [B, C, S, HQ]. XLA merges the S
+             [B, C, S, HQ, D], and its log-sum-exp (log2 units) fp32 [B, C, S, HQ]. XLA merges the S
              partials per (token, head) in one pass (unused slots masked with where, never read
              as numbers) into o and lse. K/V bytes per chunk ~ one read of the selected blocks
              instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8 ms for the former
@@ -28,7 +28,7 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
-Memory: partial o (fwd) C*S*HQ*(D*itemsize + 8) bytes per chunk (3.9 GB at 128K, bf16) or dq (bwd)
+Memory: partial o (fwd) C*S*HQ*(D*itemsize + 4) bytes per chunk (3.8 GB at 128K, bf16) or dq (bwd)
 C*S*HQ*D*itemsize (3.0 GB at 128K); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
 accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk partials of the items of blocks cut into
 several, 2 * 4*B*H*NM*BS*D bytes with NM <= 2*C*S / ITEM + 1.
@@ -130,8 +130,8 @@ def _bwd_chunk_kernel(
         dk, dv = carry
         valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
-        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
-        p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
+        last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)  # as in the forward
+        p = jnp.where(j <= last[:, None], jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
         dk = dk + dot(ds, q, trans_a=True)
@@ -178,8 +178,7 @@ def _fwd_chunk_kernel(
     start_ref,
     end_ref,
     po_ref,
-    pm_ref,
-    pl_ref,
+    pls_ref,
     *,
     g,
     scale,
@@ -205,19 +204,20 @@ def _fwd_chunk_kernel(
     def body(it, carry):
         valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
         q = load_rows(q_ref, b, tok, head, valid)
-        mask = valid[:, None] & (j <= (off + tok)[:, None]) & (j < tk)
-        sc = jnp.where(mask, dot(q, k, trans_b=True) * c, NEG)
+        # Row r sees keys j <= last[r] (-1: padding); one compare per score. A valid row sees
+        # at least key j0, so masked scores underflow to p = 0 against its finite max.
+        last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)
+        sc = jnp.where(j <= last[:, None], dot(q, k, trans_b=True) * c, NEG)
         m = jnp.max(sc, axis=1)
-        p = jnp.where(mask, jnp.exp2(sc - m[:, None]), 0.0)
-        den = jnp.sum(p, axis=1)
-        o = dot(p.astype(v.dtype), v) * (1.0 / jnp.where(den > 0, den, 1.0))[:, None]
+        p = jnp.exp2(sc - m[:, None])
+        den = jnp.sum(p, axis=1)  # >= 1: the max term is 1
+        o = dot(p.astype(v.dtype), v) * (1.0 / den)[:, None]
         plgpu.store(
             po_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
             o.astype(po_ref.dtype),
             mask=valid[:, None],
         )
-        plgpu.store(pm_ref.at[b, loc, slot, head], m, mask=valid)
-        plgpu.store(pl_ref.at[b, loc, slot, head], den, mask=valid)
+        plgpu.store(pls_ref.at[b, loc, slot, head], m + jnp.log2(den), mask=valid)
         return carry
 
     lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, jnp.int32(0))
@@ -232,17 +232,18 @@ def _chunk_size(tq: int, per_token: int, budget: float) -> int:
     return min(tq, -(-per_chunk // 64) * 64)
 
 
-def _merge(po: Array, pm: Array, pl_: Array, sel: Array, g: int) -> tuple[Array, Array]:
+def _merge(po: Array, pls: Array, sel: Array, g: int) -> tuple[Array, Array]:
     """Merges the per-(token, slot) partials of one chunk (XLA, one pass over po).
 
-    po [B, C, S, HQ, D] (each slot normalised by its own sum), pm/pl_ [B, C, S, HQ] fp32 (max in
-    log2 units, sum), sel [B, C, H, S] (slot in use) -> o [B, C, HQ, D] in po.dtype, lse fp32.
-    Unused slots were never written: they are masked with `where` (never multiplied).
+    po [B, C, S, HQ, D] (each slot normalised by its own sum), pls [B, C, S, HQ] fp32 (each
+    slot's log-sum-exp in log2 units), sel [B, C, H, S] (slot in use) -> o [B, C, HQ, D] in
+    po.dtype, lse fp32. Unused slots were never written: they are masked with `where` (never
+    multiplied).
     """
     ok = jnp.repeat(sel.transpose(0, 1, 3, 2), g, axis=3)
-    m = jnp.where(ok, pm, NEG)
-    mx = jnp.max(m, axis=2)
-    wt = jnp.exp2(m - mx[:, :, None]) * jnp.where(ok, pl_, 0.0)
+    ls = jnp.where(ok, pls, NEG)
+    mx = jnp.max(ls, axis=2)
+    wt = jnp.where(ok, jnp.exp2(ls - mx[:, :, None]), 0.0)
     den = jnp.sum(wt, axis=2)
     num = jnp.sum(wt[..., None] * jnp.where(ok[..., None], po.astype(jnp.float32), 0.0), axis=2)
     nonempty = den > 0
@@ -262,24 +263,20 @@ def selection_fwd(
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    per_token = s * hq * (d * q.dtype.itemsize + 8)
+    per_token = s * hq * (d * q.dtype.itemsize + 4)
     chunk = min(chunk or _chunk_size(tq, per_token, FWD_PARTIAL_BYTES), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     kern = functools.partial(_fwd_chunk_kernel, g=g, scale=scale, bs=block_size)
     part = (bsz, chunk, s, hq)
-    out = (
-        jax.ShapeDtypeStruct((*part, d), q.dtype),
-        jax.ShapeDtypeStruct(part, jnp.float32),
-        jax.ShapeDtypeStruct(part, jnp.float32),
-    )
+    out = (jax.ShapeDtypeStruct((*part, d), q.dtype), jax.ShapeDtypeStruct(part, jnp.float32))
 
     def one_chunk(c, carry):
         o, lse = carry
         c0 = c * chunk
         idx_c = lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1)
         ent, blk, start, end = _inverse_index(idx_c, nb)
-        po, pm, pl_ = call(
+        po, pls = call(
             kern,
             (blk.shape[-1], bsz * h),
             out,
@@ -295,7 +292,7 @@ def selection_fwd(
             start,
             end,
         )
-        o_c, lse_c = _merge(po, pm, pl_, idx_c >= 0, g)
+        o_c, lse_c = _merge(po, pls, idx_c >= 0, g)
         o = lax.dynamic_update_slice_in_dim(o, o_c, c0, axis=1)
         return o, lax.dynamic_update_slice_in_dim(lse, lse_c, c0, axis=1)
 
