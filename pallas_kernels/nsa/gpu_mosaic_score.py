@@ -14,7 +14,7 @@ A schedule barrier alternates the two warpgroups, one's exp under the other's wg
 heads: 2.59 ms without it 3.54 ms; the Triton score kernel 4.49 ms).
 
 Requires: compute capability 9.x, bf16 or fp16, D 64 or 128, and the G query tiles within shared
-memory (G <= 7 at D = 128, G <= 15 at D = 64); `gpu_topk` keeps the Triton kernel otherwise.
+memory (G <= 7 at D = 128, G <= 18 at D = 64); `gpu_topk` keeps the Triton kernel otherwise.
 """
 
 from __future__ import annotations
