@@ -278,3 +278,17 @@ def test_mosaic_importance(batch, h, g, tq, off, d):
     static = gpu_topk.select_blocks(q, kc, lse, offset, static_offset=off, **sel)
     traced = gpu_topk.select_blocks(q, kc, lse, offset, **sel)
     np.testing.assert_array_equal(np.asarray(static), np.asarray(traced))
+
+
+def test_multi_item_slots():
+    """Which backward work items add to their block in place: a block's only item does; the items
+    of a block cut into several get consecutive partial slots, each slot knows its block, unused
+    slots point at the discarded row nb."""
+    from pallas_kernels.nsa.gpu_selection import _multi_item_slots
+
+    blk = jnp.array([[[0, 0, 0, 1, 2, 2, 3, -1, -1]]], jnp.int32)
+    single, pslot, seg = _multi_item_slots(blk, n_multi=6, nb=4)
+    np.testing.assert_array_equal(single[0, 0], [0, 0, 0, 1, 0, 0, 1, 0, 0])
+    multi = np.asarray(blk[0, 0] >= 0) & (np.asarray(single[0, 0]) == 0)
+    np.testing.assert_array_equal(np.asarray(pslot[0, 0])[multi], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(seg[0, 0], [0, 0, 0, 2, 2, 4])
