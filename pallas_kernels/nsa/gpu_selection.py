@@ -9,22 +9,22 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
              (below), then grid (items, B*H): a program loads its [BS, D] K and V block once and
              streams the gathered packed rows [64, D] (64 // G tokens x G heads) of the entries
              that selected it, writing each (token, slot)'s own softmax: o normalised, in q.dtype
-             [B, C, S, HQ, D], and its log-sum-exp (log2 units) fp32 [B, C, S, HQ]. XLA merges the S
-             partials per (token, head) in one pass (unused slots masked with where, never read
-             as numbers) into o and lse. K/V bytes per chunk ~ one read of the selected blocks
-             instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8 ms for the former
-             per-(token, KV head) walk (bound by L2 bandwidth).
+             [B, C, S, HQ, D], and its log-sum-exp (log2 units) fp32 [B, C, S, HQ]. A merge
+             kernel combines the S partials per (token, head) with an online log-sum-exp (unused
+             slots never read) and writes o and lse in place. K/V bytes per chunk ~ one read of
+             the selected blocks instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8
+             ms for the former per-(token, KV head) walk (bound by L2 bandwidth).
     backward KV-block-major over query chunks (partials within BWD_PARTIAL_BYTES: 13120 tokens
              at 128K), one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K
              and V block resident while the gathered packed rows [64, D] (q, do, lse, delta) of
              its entries stream through; p is recomputed from lse. It accumulates dK/dV for the
              block in fp32 registers and writes each (token, slot)'s dq = ds @ K (in q.dtype) to
-             a partial [B, C, S, HQ, D]; XLA sums the S partials per (token, head) (unused slots
-             masked with where). A block's only work item adds its dK/dV to the fp32 block
-             accumulators in place (aliased); the items of a block cut into several (block 0,
-             the blocks of early chunks) write partials that XLA scatter-adds. No atomics, no
-             per-token walk over the S blocks (which read 1 MiB of K/V per (token, KV head)): at
-             128K 72.4 ms vs 100.6 ms for the walk + a separate dK/dV pass.
+             a partial [B, C, S, HQ, D]; a sum kernel adds the S partials per (token, head) into
+             dq in place (unused slots never read). A block's only work item adds its dK/dV to
+             the fp32 block accumulators in place (aliased); the items of a block cut into
+             several (block 0, the blocks of early chunks) write partials that XLA scatter-adds.
+             No atomics, no per-token walk over the S blocks (which read 1 MiB of K/V per
+             (token, KV head)): at 128K 72.4 ms vs 100.6 ms for the walk + a separate dK/dV pass.
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
@@ -62,6 +62,7 @@ FWD_ROWS = 64  # packed query rows per step of the KV-block-major forward
 FWD_LAUNCH = (4, 3)  # (num_warps, num_stages)
 BWD_ROWS = 64  # packed query rows per step of the KV-block-major backward
 BWD_LAUNCH = (4, 1)
+MERGE_ROWS, MERGE_LAUNCH = 128, (4, 3)  # (token, head) rows per merge / dq-sum program, launch
 FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, slot) partial o
 BWD_PARTIAL_BYTES = 3 * 2**30  # per-chunk budget of the backward's per-(token, slot) partial dq
 
@@ -232,24 +233,72 @@ def _chunk_size(tq: int, per_token: int, budget: float) -> int:
     return min(tq, -(-per_chunk // 64) * 64)
 
 
-def _merge(po: Array, pls: Array, sel: Array, g: int) -> tuple[Array, Array]:
-    """Merges the per-(token, slot) partials of one chunk (XLA, one pass over po).
+def _slot_rows(shape) -> tuple[Array, Array, Array, Array]:
+    """Rows of a program over per-(token, slot) partials of shape [B, C, S, HQ, D]: MERGE_ROWS //
+    HQ chunk tokens x HQ heads -> (valid, chunk-local token (C when invalid), head) [R], and the
+    column index [1, D]."""
+    _, chunk, _, hq, d = shape
+    tile, tokens = pl.program_id(0), MERGE_ROWS // hq
+    r = jnp.arange(MERGE_ROWS, dtype=jnp.int32)
+    valid = (r < tokens * hq) & (tile * tokens + r // hq < chunk)
+    loc = jnp.where(valid, tile * tokens + r // hq, chunk)
+    return valid, loc, r % hq, jnp.arange(d, dtype=jnp.int32)[None, :]
 
-    po [B, C, S, HQ, D] (each slot normalised by its own sum), pls [B, C, S, HQ] fp32 (each
-    slot's log-sum-exp in log2 units), sel [B, C, H, S] (slot in use) -> o [B, C, HQ, D] in
-    po.dtype, lse fp32. Unused slots were never written: they are masked with `where` (never
-    multiplied).
-    """
-    ok = jnp.repeat(sel.transpose(0, 1, 3, 2), g, axis=3)
-    ls = jnp.where(ok, pls, NEG)
-    mx = jnp.max(ls, axis=2)
-    wt = jnp.where(ok, jnp.exp2(ls - mx[:, :, None]), 0.0)
-    den = jnp.sum(wt, axis=2)
-    num = jnp.sum(wt[..., None] * jnp.where(ok[..., None], po.astype(jnp.float32), 0.0), axis=2)
+
+def _dq_sum_kernel(c0_ref, dqp_ref, idx_ref, _dq_in, dq_ref, *, g):
+    """Sums one chunk's per-(token, slot) dq partials into rows c0 + token of dq_ref (aliasing
+    _dq_in); unused slots (idx < 0) were never written and are never read."""
+    b = pl.program_id(1)
+    s_count, d = dqp_ref.shape[2], dqp_ref.shape[-1]
+    valid, loc, head, dd = _slot_rows(dqp_ref.shape)
+
+    def body(slot, acc):
+        used = plgpu.load(idx_ref.at[b, loc, head // g, slot], mask=valid, other=-1) >= 0
+        at = dqp_ref.at[b, loc[:, None], slot, head[:, None], dd]
+        return acc + plgpu.load(at, mask=used[:, None], other=0.0).astype(jnp.float32)
+
+    dq = lax.fori_loop(0, s_count, body, jnp.zeros((MERGE_ROWS, d), jnp.float32))
+    row = c0_ref[0] + loc
+    plgpu.store(
+        dq_ref.at[b, row[:, None], head[:, None], dd], dq.astype(dq_ref.dtype), mask=valid[:, None]
+    )
+
+
+def _merge_kernel(c0_ref, po_ref, pls_ref, idx_ref, _o_in, _lse_in, o_ref, lse_ref, *, g):
+    """Merges one chunk's per-(token, slot) partials into rows c0 + token of o_ref, lse_ref
+    (aliasing _o_in, _lse_in). A program takes MERGE_ROWS // HQ tokens x HQ heads and walks the
+    S slots with an online log-sum-exp; unused slots (idx < 0) were never written and are never
+    read."""
+    b = pl.program_id(1)
+    s_count, d = po_ref.shape[2], po_ref.shape[-1]
+    valid, loc, head, dd = _slot_rows(po_ref.shape)
+
+    def body(slot, carry):
+        acc, m, den = carry
+        used = plgpu.load(idx_ref.at[b, loc, head // g, slot], mask=valid, other=-1) >= 0
+        ls = plgpu.load(pls_ref.at[b, loc, slot, head], mask=used, other=NEG)
+        po = plgpu.load(
+            po_ref.at[b, loc[:, None], slot, head[:, None], dd], mask=used[:, None], other=0.0
+        )
+        m_new = jnp.maximum(m, ls)
+        alpha = jnp.exp2(m - m_new)
+        wt = jnp.where(used, jnp.exp2(ls - m_new), 0.0)
+        acc = acc * alpha[:, None] + wt[:, None] * po.astype(jnp.float32)
+        return acc, m_new, den * alpha + wt
+
+    init = (
+        jnp.zeros((MERGE_ROWS, d), jnp.float32),
+        jnp.full((MERGE_ROWS,), NEG, jnp.float32),
+        jnp.zeros((MERGE_ROWS,), jnp.float32),
+    )
+    acc, m, den = lax.fori_loop(0, s_count, body, init)
     nonempty = den > 0
-    den_safe = jnp.where(nonempty, den, 1.0)
-    lse = jnp.where(nonempty, (mx + jnp.log2(den_safe)) * LN2, -jnp.inf)
-    return (num / den_safe[..., None]).astype(po.dtype), lse
+    den = jnp.where(nonempty, den, 1.0)
+    row = c0_ref[0] + loc
+    o = (acc * (1.0 / den)[:, None]).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[b, row[:, None], head[:, None], dd], o, mask=valid[:, None])
+    lse = jnp.where(nonempty, (m + jnp.log2(den)) * LN2, -jnp.inf)
+    plgpu.store(lse_ref.at[b, row, head], lse, mask=valid)
 
 
 def selection_fwd(
@@ -262,6 +311,8 @@ def selection_fwd(
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
+    if hq > MERGE_ROWS:
+        raise ValueError(f"selection_fwd takes at most {MERGE_ROWS} query heads; got {hq}")
     nb = -(-tk // block_size)
     per_token = s * hq * (d * q.dtype.itemsize + 4)
     chunk = min(chunk or _chunk_size(tq, per_token, FWD_PARTIAL_BYTES), tq)
@@ -292,9 +343,20 @@ def selection_fwd(
             start,
             end,
         )
-        o_c, lse_c = _merge(po, pls, idx_c >= 0, g)
-        o = lax.dynamic_update_slice_in_dim(o, o_c, c0, axis=1)
-        return o, lax.dynamic_update_slice_in_dim(lse, lse_c, c0, axis=1)
+        return call(
+            functools.partial(_merge_kernel, g=g),
+            (pl.cdiv(chunk, MERGE_ROWS // hq), bsz),
+            (jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
+            interpret,
+            *MERGE_LAUNCH,
+            c0.reshape(1),
+            po,
+            pls,
+            idx_c,
+            o,
+            lse,
+            aliases={4: 0, 5: 1},
+        )
 
     init = (
         jnp.zeros((bsz, n_chunks * chunk, hq, d), q.dtype),
@@ -390,6 +452,8 @@ def selection_bwd(
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
+    if hq > MERGE_ROWS:
+        raise ValueError(f"selection_bwd takes at most {MERGE_ROWS} query heads; got {hq}")
     nb = -(-tk // block_size)
     per_token = s * hq * d * q.dtype.itemsize
     chunk = min(chunk or _chunk_size(tq, per_token, BWD_PARTIAL_BYTES), tq)
@@ -422,10 +486,20 @@ def selection_bwd(
             dv,
             aliases={len(args): 0, len(args) + 1: 1},
         )
-        ok = jnp.repeat((idx_c >= 0).transpose(0, 1, 3, 2), g, axis=3)[..., None]
-        dq_c = jnp.sum(jnp.where(ok, dqp.astype(jnp.float32), 0.0), axis=2).astype(q.dtype)
+        dq = call(
+            functools.partial(_dq_sum_kernel, g=g),
+            (pl.cdiv(chunk, MERGE_ROWS // hq), bsz),
+            jax.ShapeDtypeStruct(dq.shape, dq.dtype),
+            interpret,
+            *MERGE_LAUNCH,
+            c0.reshape(1),
+            dqp,
+            idx_c,
+            dq,
+            aliases={3: 0},
+        )
         return (
-            lax.dynamic_update_slice_in_dim(dq, dq_c, c0, axis=1),
+            dq,
             dk.at[b_ix, h_ix, seg].add(dk_p),
             dv.at[b_ix, h_ix, seg].add(dv_p),
         )
