@@ -332,6 +332,9 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
             {"ITEM": 512},
             {"FWD_PARTIAL_BYTES": 8 * 2**30},
             {"FWD_LAUNCH": (4, 2)},
+            {"MERGE_LAUNCH": (4, 2)},
+            {"MERGE_LAUNCH": (8, 3)},
+            {"MERGE_ROWS": 256, "MERGE_LAUNCH": (8, 3)},
         ],
     ),
     "slc_bwd": (
