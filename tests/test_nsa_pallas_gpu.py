@@ -292,3 +292,17 @@ def test_multi_item_slots():
     multi = np.asarray(blk[0, 0] >= 0) & (np.asarray(single[0, 0]) == 0)
     np.testing.assert_array_equal(np.asarray(pslot[0, 0])[multi], [0, 1, 2, 3, 4])
     np.testing.assert_array_equal(seg[0, 0], [0, 0, 0, 2, 2, 4])
+
+
+def test_selection_rejects_too_many_heads():
+    """The merge and dq-sum kernels hold all query heads of a token in one program: more than
+    MERGE_ROWS heads is refused with a clear error, before any kernel runs."""
+    from pallas_kernels.nsa import gpu_selection
+
+    hq = gpu_selection.MERGE_ROWS + 1
+    q = jnp.zeros((1, 8, hq, 16))
+    k = jnp.zeros((1, 8, 1, 16))
+    idx = jnp.zeros((1, 8, 1, 1), jnp.int32)
+    off = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="query heads"):
+        gpu_selection.selection_fwd(q, k, k, idx, off, scale=0.25, block_size=8, interpret=True)
