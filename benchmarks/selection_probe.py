@@ -55,7 +55,7 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
     """What both chunk kernels derive from their program ids. refs: (off, c0, q, k, v, ent, blk,
     start, end); part_shape: the partial output's shape [B, C, S, ...]. Returns the work item's
     fields, kv() -> its K and V block, fetch(it) -> (valid, loc, slot, tok, tok_load) of step it,
-    and its step count split into (masked, all)."""
+    its step count and masked() -> how many leading steps need the mask (the split variant)."""
     off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref = refs
     w, bh = pl.program_id(0), pl.program_id(1)
     tq, tk, h_kv = q_ref.shape[1], k_ref.shape[1], k_ref.shape[2]
@@ -80,7 +80,7 @@ def _item(refs, part_shape, rows, g, bs, q_l2):
         head=h * g + r % g,
         j=(j0 + jnp.arange(bs, dtype=jnp.int32))[None, :],
         dd=jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :],
-        masked=_masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), pos0, s_count, per),
+        masked=lambda: _masked_steps(ent_ref, (b, h, e0, e1), (j0, bs, tk), pos0, s_count, per),
         steps=(e1 - e0 + per - 1) // per,
         kv=lambda: (load_block(k_ref, b, j0, bs, h, tk), load_block(v_ref, b, j0, bs, h, tk)),
         fetch=fetch,
@@ -139,7 +139,7 @@ def make_fwd(q_l2=False, store=True, evict=False, split=False):
             plgpu.store(pls_ref.at[b, loc, slot, head], m + jnp.log2(den), mask=valid)
             return carry
 
-        cut = it_.masked if split else it_.steps
+        cut = it_.masked() if split else it_.steps
         lax.fori_loop(0, cut, functools.partial(step, masked=True), jnp.int32(0))
         lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
 
@@ -181,7 +181,7 @@ def make_bwd(q_l2=False, store=True, evict=False, split=False):
             return dk, dv
 
         zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
-        cut = it_.masked if split else it_.steps
+        cut = it_.masked() if split else it_.steps
         acc = lax.fori_loop(0, cut, functools.partial(step, masked=True), (zeros, zeros))
         dk, dv = lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), acc)
         grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)

@@ -233,6 +233,13 @@ def _chunk_size(tq: int, per_token: int, budget: float) -> int:
     return min(tq, -(-per_chunk // 64) * 64)
 
 
+def _slot_grid(chunk: int, hq: int, bsz: int) -> tuple[int, int]:
+    """Grid of the merge / dq-sum kernels over a chunk: all HQ heads of a token in one program."""
+    if hq > MERGE_ROWS:
+        raise ValueError(f"the selection kernels take at most {MERGE_ROWS} query heads; got {hq}")
+    return pl.cdiv(chunk, MERGE_ROWS // hq), bsz
+
+
 def _slot_rows(shape) -> tuple[Array, Array, Array, Array]:
     """Rows of a program over per-(token, slot) partials of shape [B, C, S, HQ, D]: MERGE_ROWS //
     HQ chunk tokens x HQ heads -> (valid, chunk-local token (C when invalid), head) [R], and the
@@ -311,8 +318,6 @@ def selection_fwd(
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
-    if hq > MERGE_ROWS:
-        raise ValueError(f"selection_fwd takes at most {MERGE_ROWS} query heads; got {hq}")
     nb = -(-tk // block_size)
     per_token = s * hq * (d * q.dtype.itemsize + 4)
     chunk = min(chunk or _chunk_size(tq, per_token, FWD_PARTIAL_BYTES), tq)
@@ -345,7 +350,7 @@ def selection_fwd(
         )
         return call(
             functools.partial(_merge_kernel, g=g),
-            (pl.cdiv(chunk, MERGE_ROWS // hq), bsz),
+            _slot_grid(chunk, hq, bsz),
             (jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
             interpret,
             *MERGE_LAUNCH,
@@ -452,8 +457,6 @@ def selection_bwd(
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
-    if hq > MERGE_ROWS:
-        raise ValueError(f"selection_bwd takes at most {MERGE_ROWS} query heads; got {hq}")
     nb = -(-tk // block_size)
     per_token = s * hq * d * q.dtype.itemsize
     chunk = min(chunk or _chunk_size(tq, per_token, BWD_PARTIAL_BYTES), tq)
@@ -488,7 +491,7 @@ def selection_bwd(
         )
         dq = call(
             functools.partial(_dq_sum_kernel, g=g),
-            (pl.cdiv(chunk, MERGE_ROWS // hq), bsz),
+            _slot_grid(chunk, hq, bsz),
             jax.ShapeDtypeStruct(dq.shape, dq.dtype),
             interpret,
             *MERGE_LAUNCH,
