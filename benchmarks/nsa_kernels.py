@@ -362,8 +362,8 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
 
 def sweep(t: int, branches: list[str]) -> None:
     """Tile / launch variants of the flash kernels, chunk sizes of the selection kernels and
-    variants of the top-k score kernel at length t: ms and the difference vs the default (rel.
-    error; top-k: rows that differ)."""
+    variants of the top-k score kernel at length t: ms, the difference vs the default (rel.
+    error; top-k: rows that differ) and the five longest device kernels (ms)."""
     fns, args = branch_fns(t)
     for name in branches:
         module, variants = SWEEP[name]
@@ -383,9 +383,12 @@ def sweep(t: int, branches: list[str]) -> None:
                 else:
                     diff = " ".join(f"{rel(a, b):.1e}" for a, b in zip(out, first, strict=True))
                 ms = bench(f, *args[name], reps=5)
-                print(f"sweep T={t} {name} {var}: {ms:.2f} ms ({diff})", flush=True)
+                top = "; ".join(
+                    f"{n[:24]} {x:.2f}" for n, x in device_kernels(f, *args[name], calls=1)[:5]
+                )
+                print(f"sweep T={t} {name} {var}: {ms:.2f} ms ({diff}) | {top}", flush=True)
             except Exception as e:
-                print(f"sweep T={t} {name} {var}: FAILED {e!r}"[:1500], flush=True)
+                print(f"sweep T={t} {name} {var}: FAILED {e!r}"[:400], flush=True)
             finally:
                 for key, val in saved.items():
                     setattr(module, key, val)

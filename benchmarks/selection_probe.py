@@ -10,6 +10,7 @@ shared memory, occupancy). Variants (timing only: q_l2 and no_store give wrong v
     no_store    the per-(token, slot) partial output (fwd) / dq (bwd) is not written
     evict       partial stores marked evict_first, row gathers evict_last (keep queries in L2)
     split       steps whose rows all see the whole block skip the causal mask (a second loop)
+    no_mask     no step masks (timing only: the bound for selections without the own block)
     warps8, warps8_rows128, stages2, stages1   other launches (num_warps, rows per step, num_stages)
 Without a variant list, then the forward for inputs drawn with other seeds (the selections'
 dependence on the data). Register prefetch and per-step K/V re-reads lost (RESULTS.md, 2026-11-25)
@@ -113,7 +114,7 @@ def _gather(ref, b, tok, head, valid, evict):
     return plgpu.load(at, mask=valid[:, None], other=0.0, eviction_policy="evict_last")
 
 
-def make_fwd(q_l2=False, store=True, evict=False, split=False):
+def make_fwd(q_l2=False, store=True, evict=False, split=False, no_mask=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref,
              po_ref, pls_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
@@ -139,6 +140,9 @@ def make_fwd(q_l2=False, store=True, evict=False, split=False):
             plgpu.store(pls_ref.at[b, loc, slot, head], m + jnp.log2(den), mask=valid)
             return carry
 
+        if no_mask:
+            lax.fori_loop(0, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
+            return
         cut = it_.masked() if split else it_.steps
         lax.fori_loop(0, cut, functools.partial(step, masked=True), jnp.int32(0))
         lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), jnp.int32(0))
@@ -146,7 +150,7 @@ def make_fwd(q_l2=False, store=True, evict=False, split=False):
     return kern
 
 
-def make_bwd(q_l2=False, store=True, evict=False, split=False):
+def make_bwd(q_l2=False, store=True, evict=False, split=False, no_mask=False):
     def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
              start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
              dk_part_ref, dv_part_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
@@ -181,9 +185,15 @@ def make_bwd(q_l2=False, store=True, evict=False, split=False):
             return dk, dv
 
         zeros = jnp.zeros((bs, q_ref.shape[-1]), jnp.float32)
-        cut = it_.masked() if split else it_.steps
-        acc = lax.fori_loop(0, cut, functools.partial(step, masked=True), (zeros, zeros))
-        dk, dv = lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), acc)
+        if no_mask:
+            masked_part = (zeros, zeros)
+            cut = 0
+        else:
+            cut = it_.masked() if split else it_.steps
+            masked_part = lax.fori_loop(
+                0, cut, functools.partial(step, masked=True), (zeros, zeros)
+            )
+        dk, dv = lax.fori_loop(cut, it_.steps, functools.partial(step, masked=False), masked_part)
         grads = (dk_ref, dv_ref, dk_part_ref, dv_part_ref, single_ref, pslot_ref)
         gs.add_block_grads(grads, it_.index, it_.block, dk * scale, dv)
 
@@ -201,6 +211,8 @@ VARIANT_FLAGS = {  # name -> flags; "warps" / "stages" / "rows" patch FWD_ or BW
     "evict": {"evict": True},
     "split": {"split": True},
     "split_no_store": {"split": True, "store": False},
+    "no_mask": {"no_mask": True},
+    "no_mask_no_store": {"no_mask": True, "store": False},
     "warps8": {"warps": 8},
     "warps8_rows128": {"warps": 8, "rows": 128},
     "stages2": {"stages": 2},
