@@ -158,15 +158,17 @@ def branch_fns(t: int) -> tuple[dict, dict]:
                 static_offset=0,
             )
         ),
-        "slc": jax.jit(functools.partial(gpu_selection.selection_fwd, **sl)),
+        "slc": jax.jit(lambda *xs: gpu_selection.selection_fwd(*xs, **sl)[:2]),
         "swa": jax.jit(functools.partial(flash_forward, cfg=cmp_cfg._replace(mode="swa"))),
         "cmp_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl)),
-        "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),
+        "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),  # fwd's index
         "swa_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="swa", **fl)),
     }
     o_c, lse_c = fns["cmp"](q, kc, vc, off)
     idx = fns["topk"](q, kc, lse_c, off)
-    o_s, lse_s = fns["slc"](q, k, v, idx, off)
+    o_s, lse_s, index = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))(
+        q, k, v, idx, off
+    )
     o_w, lse_w = fns["swa"](q, k, v, off)
     args = {
         "cmp": (q, kc, vc, off),
@@ -174,7 +176,7 @@ def branch_fns(t: int) -> tuple[dict, dict]:
         "slc": (q, k, v, idx, off),
         "swa": (q, k, v, off),
         "cmp_bwd": (q, kc, vc, o_c, lse_c, do, off),
-        "slc_bwd": (q, k, v, idx, o_s, lse_s, do, off),
+        "slc_bwd": (q, k, v, idx, index, o_s, lse_s, do, off),
         "swa_bwd": (q, k, v, o_w, lse_w, do, off),
     }
     return fns, args
@@ -302,7 +304,8 @@ def profile(t: int) -> None:
     args["nsa fwd+bwd"] = (q, k, v, *gates)
     for name, fn in fns.items():
         kernels = device_kernels(fn, *args[name])
-        top = "; ".join(f"{n[:60]} {ms:.2f}" for n, ms in kernels[:12])
+        shown = 40 if name == "nsa fwd+bwd" else 12
+        top = "; ".join(f"{n[:60]} {ms:.2f}" for n, ms in kernels[:shown])
         print(f"profile T={t} {name}: sum {sum(ms for _, ms in kernels):.2f} ms: {top}", flush=True)
 
 
@@ -330,7 +333,7 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
             {},
             {"ITEM": 2048},
             {"ITEM": 512},
-            {"FWD_PARTIAL_BYTES": 8 * 2**30},
+            {"PARTIAL_BYTES": 8 * 2**30},
             {"FWD_LAUNCH": (4, 2)},
             {"MERGE_LAUNCH": (4, 2)},
             {"MERGE_LAUNCH": (8, 3)},
@@ -340,10 +343,7 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
     "slc_bwd": (
         gpu_selection,
         [
-            {},
-            {"ITEM": 2048},
-            {"ITEM": 512},
-            {"BWD_PARTIAL_BYTES": 6 * 2**30},
+            {},  # over the forward's chunks and work items (its index is an argument)
             {"BWD_LAUNCH": (4, 2)},
         ],
     ),
