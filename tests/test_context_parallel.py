@@ -77,7 +77,11 @@ def _run(kind, mesh_sizes, monkeypatch, name=None, impl="auto"):
 
     assert calls, f"context.{name} was not used"
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    # The loss sums 46,080 terms of both signs to ~2.4 (their magnitudes sum to ~4,700): fp32
+    # summed in another order differs by a few 1e-9 of that magnitude sum, so the bound scales with
+    # it; a shard dropped or counted twice moves the loss by orders of magnitude more.
+    magnitude = float(jnp.sum(jnp.abs(logits_ref * weights)))
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5, atol=1e-7 * magnitude)
     flat_ref = dict(nnx.to_flat_state(grads_ref))
     for path, g in nnx.to_flat_state(grads):
         ref = flat_ref[path].get_value()
