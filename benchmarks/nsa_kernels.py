@@ -160,15 +160,17 @@ def branch_fns(t: int) -> tuple[dict, dict]:
                 static_offset=0,
             )
         ),
-        "slc": jax.jit(functools.partial(gpu_selection.selection_fwd, **sl)),
+        "slc": jax.jit(lambda *xs: gpu_selection.selection_fwd(*xs, **sl)[:2]),
         "swa": jax.jit(functools.partial(flash_forward, cfg=cmp_cfg._replace(mode="swa"))),
         "cmp_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="cmp", **fl)),
-        "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),
+        "slc_bwd": jax.jit(functools.partial(gpu_selection.selection_bwd, **sl)),  # fwd's index
         "swa_bwd": jax.jit(functools.partial(gpu_flash.flash_bwd, mode="swa", **fl)),
     }
     o_c, lse_c = fns["cmp"](q, kc, vc, off)
     idx = fns["topk"](q, kc, lse_c, off)
-    o_s, lse_s = fns["slc"](q, k, v, idx, off)
+    o_s, lse_s, index = jax.jit(functools.partial(gpu_selection.selection_fwd, **sl))(
+        q, k, v, idx, off
+    )
     o_w, lse_w = fns["swa"](q, k, v, off)
     args = {
         "cmp": (q, kc, vc, off),
@@ -176,7 +178,7 @@ def branch_fns(t: int) -> tuple[dict, dict]:
         "slc": (q, k, v, idx, off),
         "swa": (q, k, v, off),
         "cmp_bwd": (q, kc, vc, o_c, lse_c, do, off),
-        "slc_bwd": (q, k, v, idx, o_s, lse_s, do, off),
+        "slc_bwd": (q, k, v, idx, index, o_s, lse_s, do, off),
         "swa_bwd": (q, k, v, o_w, lse_w, do, off),
     }
     return fns, args
@@ -338,7 +340,7 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
             {},
             {"ITEM": 2048},
             {"ITEM": 512},
-            {"FWD_PARTIAL_BYTES": 8 * 2**30},
+            {"PARTIAL_BYTES": 8 * 2**30},
             {"FWD_LAUNCH": (4, 2)},
             {"MERGE_LAUNCH": (4, 2)},
             {"MERGE_LAUNCH": (8, 3)},
@@ -348,11 +350,7 @@ SWEEP = {  # branch -> (module, variants of its tile / launch constants; the fir
     "slc_bwd": (
         gpu_selection,
         [
-            {},
-            {"ITEM": 2048},
-            {"ITEM": 512},
-            {"BWD_PARTIAL_BYTES": 6 * 2**30},
-            {"BWD_PARTIAL_BYTES": 3.5 * 2**30},  # the forward's chunks (16384 at 128K)
+            {},  # on the forward's chunks and work items: its index is an argument
             {"BWD_LAUNCH": (4, 2)},
         ],
     ),

@@ -132,8 +132,9 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     """KV-block-major selection forward and backward (fused dK/dV + per-slot dq partials).
 
     21 queries at offset 24 of 45 keys, random cotangents; chunk 8 or 16 splits the queries into
-    several chunks (the last one padded), 64 keeps one; work items of 4 entries cut every block's
-    entries into several items. Output and q/k/v grads vs the reference.
+    several chunks (the last one padded), 64 keeps one; the backward runs on the forward's chunks
+    and inverse indices; work items of 4 entries cut every block's entries into several items.
+    Output and q/k/v grads vs the reference.
     """
     from pallas_kernels.nsa import gpu_selection
 
@@ -146,12 +147,12 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=scale, q_offset=24)
     idx = reference.select_blocks(q, kc, lse, block_size=8, block_count=4, scale=scale, q_offset=24)
     off = jnp.full((1,), 24, jnp.int32)
-    kw = dict(scale=scale, block_size=8, interpret=True, chunk=chunk)
+    kw = dict(scale=scale, block_size=8, interpret=True)
 
     @jax.jit
     def ours(q, k, v):
-        o, lse_s = gpu_selection.selection_fwd(q, k, v, idx, off, **kw)
-        return o, gpu_selection.selection_bwd(q, k, v, idx, o, lse_s, do, off, **kw)
+        o, lse_s, index = gpu_selection.selection_fwd(q, k, v, idx, off, chunk=chunk, **kw)
+        return o, gpu_selection.selection_bwd(q, k, v, idx, index, o, lse_s, do, off, **kw)
 
     def ref(q, k, v):
         return reference.selection_attention(q, k, v, idx, block_size=8, scale=scale, q_offset=24)

@@ -108,19 +108,20 @@ def _selection(q: Array, k: Array, v: Array, idx: Array, off: Array, cfg: Branch
 
 
 def _selection_fwd(q, k, v, idx, off, cfg):
-    o, lse = gpu_selection.selection_fwd(
+    o, lse, index = gpu_selection.selection_fwd(
         q, k, v, idx, off, scale=cfg.scale, block_size=cfg.block_size, interpret=cfg.interpret
     )
-    return o, (q, k, v, idx, off, o, lse)
+    return o, (q, k, v, idx, index, off, o, lse)
 
 
 def _selection_bwd(cfg, res, do):
-    q, k, v, idx, off, o, lse = res
+    q, k, v, idx, index, off, o, lse = res
     dq, dk, dv = gpu_selection.selection_bwd(
         q,
         k,
         v,
         idx,
+        index,
         o,
         lse,
         do,

@@ -4,18 +4,20 @@ Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, Tk, H, D]; idx int32 [B, Tq, H, S]
 lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
 
     forward  KV-block-major, over query chunks of C tokens (`_chunk_size`: equal chunks whose
-             partials fit FWD_PARTIAL_BYTES, 16384 at 128K, 28 heads, D=128, S=32, bf16), run one
-             after another (fori_loop). Per chunk: the inverse index of its (token, slot) entries
-             (below), then grid (items, B*H): a program loads its [BS, D] K and V block once and
-             streams the gathered packed rows [64, D] (64 // G tokens x G heads) of the entries
-             that selected it, writing each (token, slot)'s own softmax: o normalised, in q.dtype
-             [B, C, S, HQ, D], and its log-sum-exp (log2 units) fp32 [B, C, S, HQ]. A merge
-             kernel combines the S partials per (token, head) with an online log-sum-exp (unused
-             slots never read) and writes o and lse in place. K/V bytes per chunk ~ one read of
-             the selected blocks instead of 1 MiB per (token, KV head): at 128K 45.7 ms vs 70.8
-             ms for the former per-(token, KV head) walk (bound by L2 bandwidth).
-    backward KV-block-major over query chunks (partials within BWD_PARTIAL_BYTES: 13120 tokens
-             at 128K), one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K
+             partials fit PARTIAL_BYTES, 16384 at 128K, 28 heads, D=128, S=32, bf16), run one
+             after another (scan: one chunk's buffers live at a time; unrolled, XLA keeps several
+             chunks' partials live). Per chunk: the inverse index of its (token, slot) entries
+             (below; kept for the backward), then grid (items, B*H): a program loads its
+             [BS, D] K and V block once and streams the gathered packed rows [64, D] (64 // G
+             tokens x G heads) of the entries that selected it, writing each (token, slot)'s own
+             softmax: o normalised, in q.dtype [B, C, S, HQ, D], and its log-sum-exp (log2 units)
+             fp32 [B, C, S, HQ]. A merge kernel combines the S partials per (token, head) with an
+             online log-sum-exp (unused slots never read) and writes o and lse in place. K/V
+             bytes per chunk ~ one read of the selected blocks instead of 1 MiB per (token, KV
+             head): at 128K 45.7 ms vs 70.8 ms for the former per-(token, KV head) walk (bound
+             by L2 bandwidth).
+    backward KV-block-major over the forward's chunks and inverse indices (no second sort),
+             one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K
              and V block resident while the gathered packed rows [64, D] (q, do, lse, delta) of
              its entries stream through; p is recomputed from lse. It accumulates dK/dV for the
              block in fp32 registers and writes each (token, slot)'s dq = ds @ K (in q.dtype) to
@@ -29,7 +31,8 @@ lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected blo
     index    into work items of <= ITEM entries: block 0 (forced for all tokens) and other popular
              blocks become several items.
 Memory: partial o (fwd) C*S*HQ*(D*itemsize + 4) bytes per chunk (3.8 GB at 128K, bf16) or dq (bwd)
-C*S*HQ*D*itemsize (3.0 GB at 128K); CSR int32 4*B*H*C*S bytes (x3 during the sort); dk/dv fp32 block
+C*S*HQ*D*itemsize (3.8 GB at 128K); the CSRs, int32 4*B*H*Tq*S bytes (67 MB at 128K), kept from
+the forward for the backward (x3 for one chunk during its sort); dk/dv fp32 block
 accumulators 2 * 4*B*H*(NB+1)*BS*D bytes and per-chunk partials of the items of blocks cut into
 several, 2 * 4*B*H*NM*BS*D bytes with NM <= 2*C*S / ITEM + 1.
 """
@@ -37,6 +40,7 @@ several, 2 * 4*B*H*NM*BS*D bytes with NM <= 2*C*S / ITEM + 1.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +67,7 @@ FWD_LAUNCH = (4, 3)  # (num_warps, num_stages)
 BWD_ROWS = 64  # packed query rows per step of the KV-block-major backward
 BWD_LAUNCH = (4, 1)
 MERGE_ROWS, MERGE_LAUNCH = 128, (4, 3)  # (token, head) rows per merge / dq-sum program, launch
-FWD_PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the forward's per-(token, slot) partial o
-BWD_PARTIAL_BYTES = 3 * 2**30  # per-chunk budget of the backward's per-(token, slot) partial dq
+PARTIAL_BYTES = 4 * 2**30  # per-chunk budget of the per-(token, slot) partials (forward o + lse)
 
 
 def step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count):
@@ -226,8 +229,7 @@ def _fwd_chunk_kernel(
 
 def _chunk_size(tq: int, per_token: int, budget: float) -> int:
     """Queries per chunk: the fewest equal chunks whose partials (per_token bytes per query) fit
-    `budget`, rounded up to a multiple of 64 (16384 for the forward at 128K, 28 heads, D=128,
-    S=32, bf16; 13120 for the backward)."""
+    `budget`, rounded up to a multiple of 64 (16384 at 128K, 28 heads, D=128, S=32, bf16)."""
     n_chunks = -(-tq * per_token // int(budget))
     per_chunk = -(-tq // n_chunks)
     return min(tq, -(-per_chunk // 64) * 64)
@@ -317,33 +319,45 @@ def _uninitialized(shape: tuple[int, ...], dtype, interpret: bool) -> Array:
     return call(lambda ref: None, (1,), jax.ShapeDtypeStruct(shape, dtype), interpret, 1, 1)
 
 
+class ChunkIndex(NamedTuple):
+    """The inverse indices (`_inverse_index`) of the N query chunks of C tokens, stacked: sorted
+    entries token*S + slot [N, B, H, C*S] and per work item its block (-1 = no work), start and
+    end [N, B, H, NI]. The forward builds them; the backward reuses them."""
+
+    entries: Array
+    block: Array
+    start: Array
+    end: Array
+
+
 def selection_fwd(
     q, k, v, idx, off, *, scale: float, block_size: int, interpret: bool, chunk: int | None = None
-) -> tuple[Array, Array]:
-    """KV-block-major forward -> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32).
+) -> tuple[Array, Array, ChunkIndex]:
+    """KV-block-major forward -> (o [B, Tq, HQ, D] q.dtype, lse [B, Tq, HQ] fp32, the chunks'
+    inverse indices for `selection_bwd`).
 
-    chunk: queries per chunk (default: `_chunk_size` with FWD_PARTIAL_BYTES).
+    chunk: queries per chunk (default: `_chunk_size` with PARTIAL_BYTES).
     """
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
     per_token = s * hq * (d * q.dtype.itemsize + 4)
-    chunk = min(chunk or _chunk_size(tq, per_token, FWD_PARTIAL_BYTES), tq)
+    chunk = min(chunk or _chunk_size(tq, per_token, PARTIAL_BYTES), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     kern = functools.partial(_fwd_chunk_kernel, g=g, scale=scale, bs=block_size)
     part = (bsz, chunk, s, hq)
     out = (jax.ShapeDtypeStruct((*part, d), q.dtype), jax.ShapeDtypeStruct(part, jnp.float32))
 
-    def one_chunk(c, carry):
+    def one_chunk(carry, c):
         o, lse = carry
         c0 = c * chunk
         idx_c = lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1)
-        ent, blk, start, end = _inverse_index(idx_c, nb)
+        ci = ChunkIndex(*_inverse_index(idx_c, nb))
         po, pls = call(
             kern,
-            (blk.shape[-1], bsz * h),
+            (ci.block.shape[-1], bsz * h),
             out,
             interpret,
             *FWD_LAUNCH,
@@ -352,12 +366,9 @@ def selection_fwd(
             q,
             k,
             v,
-            ent,
-            blk,
-            start,
-            end,
+            *ci,
         )
-        return call(
+        o, lse = call(
             functools.partial(_merge_kernel, g=g),
             _slot_grid(chunk, hq, bsz),
             (jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
@@ -371,14 +382,15 @@ def selection_fwd(
             lse,
             aliases={4: 0, 5: 1},
         )
+        return (o, lse), ci
 
     # The merges write every row (tokens without a selection: o = 0, lse = -inf).
     init = (
         _uninitialized((bsz, n_chunks * chunk, hq, d), q.dtype, interpret),
         _uninitialized((bsz, n_chunks * chunk, hq), jnp.float32, interpret),
     )
-    o, lse = lax.fori_loop(0, n_chunks, one_chunk, init)
-    return o[:, :tq], lse[:, :tq]
+    (o, lse), index = lax.scan(one_chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    return o[:, :tq], lse[:, :tq], index
 
 
 def _inverse_index(idx: Array, nb: int) -> tuple[Array, Array, Array, Array]:
@@ -450,6 +462,7 @@ def selection_bwd(
     k,
     v,
     idx,
+    index: ChunkIndex,
     o,
     lse,
     do,
@@ -458,39 +471,35 @@ def selection_bwd(
     scale: float,
     block_size: int,
     interpret: bool,
-    chunk: int | None = None,
 ) -> tuple[Array, Array, Array]:
-    """KV-block-major backward -> (dq, dk, dv) in the input dtypes.
-
-    chunk: queries per chunk (default: `_chunk_size` with BWD_PARTIAL_BYTES).
-    """
+    """KV-block-major backward over the forward's chunks (index from `selection_fwd`) ->
+    (dq, dk, dv) in the input dtypes."""
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    per_token = s * hq * d * q.dtype.itemsize
-    chunk = min(chunk or _chunk_size(tq, per_token, BWD_PARTIAL_BYTES), tq)
-    n_chunks = -(-tq // chunk)
+    n_chunks, chunk = index.entries.shape[0], index.entries.shape[-1] // s
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     kern = functools.partial(_bwd_chunk_kernel, g=g, scale=scale, bs=block_size)
-    # Items of blocks cut into several: such a block has > ITEM entries, so <= 2 * entries / ITEM.
-    n_multi = min(nb + -(-chunk * s // ITEM), 2 * (chunk * s) // ITEM + 1)
+    # Items of blocks cut into several: such a block has > ITEM entries, so there are <= 2 *
+    # entries / ITEM of them; the index has NI = NB + ceil(entries / ITEM) items.
+    n_items = index.block.shape[-1]
+    n_multi = min(n_items, 2 * (n_items - nb) + 1)
+    part = jax.ShapeDtypeStruct((bsz, h, n_multi, block_size, d), jnp.float32)
+    dqp_shape = jax.ShapeDtypeStruct((bsz, chunk, s, hq, d), q.dtype)
     b_ix = jnp.arange(bsz)[:, None, None]
     h_ix = jnp.arange(h)[None, :, None]
 
-    def one_chunk(ci, carry):
+    def one_chunk(carry, xs):
         dq, dk, dv = carry
-        c0 = ci * chunk
-        idx_c = lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1)
-        ent, blk, start, end = _inverse_index(idx_c, nb)
-        single, pslot, seg = _multi_item_slots(blk, n_multi, nb)
-        part = jax.ShapeDtypeStruct((bsz, h, n_multi, block_size, d), jnp.float32)
-        dqp_shape = jax.ShapeDtypeStruct((bsz, chunk, s, hq, d), q.dtype)
-        args = (off, c0.reshape(1), q, k, v, do, lse, delta, ent, blk, start, end, single, pslot)
+        c, ci = xs
+        c0 = c * chunk
+        single, pslot, seg = _multi_item_slots(ci.block, n_multi, nb)
+        args = (off, c0.reshape(1), q, k, v, do, lse, delta, *ci, single, pslot)
         dk, dv, dk_p, dv_p, dqp = call(
             kern,
-            (blk.shape[-1], bsz * h),
+            (n_items, bsz * h),
             (jax.ShapeDtypeStruct(dk.shape, dk.dtype),) * 2 + (part, part, dqp_shape),
             interpret,
             *BWD_LAUNCH,
@@ -507,20 +516,17 @@ def selection_bwd(
             *MERGE_LAUNCH,
             c0.reshape(1),
             dqp,
-            idx_c,
+            lax.dynamic_slice_in_dim(idx, c0, chunk, axis=1),
             dq,
             aliases={3: 0},
         )
-        return (
-            dq,
-            dk.at[b_ix, h_ix, seg].add(dk_p),
-            dv.at[b_ix, h_ix, seg].add(dv_p),
-        )
+        return (dq, dk.at[b_ix, h_ix, seg].add(dk_p), dv.at[b_ix, h_ix, seg].add(dv_p)), None
 
-    acc = jnp.zeros((bsz, h, nb + 1, block_size, d), jnp.float32)
     # The dq sums write every row (tokens without a selection: 0).
-    init = (_uninitialized((bsz, n_chunks * chunk, hq, d), q.dtype, interpret), acc, acc)
-    dq, dk, dv = lax.fori_loop(0, n_chunks, one_chunk, init)
+    dq = _uninitialized((bsz, n_chunks * chunk, hq, d), q.dtype, interpret)
+    dk = jnp.zeros((bsz, h, nb + 1, block_size, d), jnp.float32)
+    chunks = (jnp.arange(n_chunks, dtype=jnp.int32), index)
+    (dq, dk, dv), _ = lax.scan(one_chunk, (dq, dk, jnp.zeros_like(dk)), chunks)
 
     def to_keys(blocks: Array, dtype) -> Array:
         x = blocks[:, :, :nb].reshape(bsz, h, nb * block_size, d)[:, :, :tk]
