@@ -144,9 +144,9 @@ def check(t: int, grads: bool) -> None:
 
 def branch_fns(t: int) -> tuple[dict, dict]:
     """Jitted per-branch functions at length t and their arguments: name -> fn, name -> args.
-    The backwards take their delta precomputed (as in `nsa_gpu`'s backward, where one pass for
-    all three branches computes them)."""
-    q, k, v, _, do = inputs(t, jnp.bfloat16)
+    The backwards take their gate and delta precomputed (as in `nsa_gpu`'s backward, where one
+    pass for all three branches computes them)."""
+    q, k, v, gates, do = inputs(t, jnp.bfloat16)
     off = jnp.zeros((1,), jnp.int32)
     kc, vc = reference.mean_pool(k, BS), reference.mean_pool(v, BS)
     fl = dict(scale=SCALE, block_size=BS, window=W, interpret=False)
@@ -176,14 +176,16 @@ def branch_fns(t: int) -> tuple[dict, dict]:
         q, k, v, idx, off
     )
     o_w, lse_w = fns["swa"](q, k, v, off)
+    g32 = [g.astype(jnp.float32) for g in gates]
+    gd = [(g, g * out_dot(o, do)) for g, o in zip(g32, (o_c, o_s, o_w), strict=True)]
     args = {
         "cmp": (q, kc, vc, off),
         "topk": (q, kc, lse_c, off),
         "slc": (q, k, v, idx, off),
         "swa": (q, k, v, off),
-        "cmp_bwd": (q, kc, vc, lse_c, do, out_dot(o_c, do), off),
-        "slc_bwd": (q, k, v, idx, index, lse_s, do, out_dot(o_s, do), off),
-        "swa_bwd": (q, k, v, lse_w, do, out_dot(o_w, do), off),
+        "cmp_bwd": (q, kc, vc, lse_c, do, *gd[0], off),
+        "slc_bwd": (q, k, v, idx, index, lse_s, do, *gd[1], off),
+        "swa_bwd": (q, k, v, lse_w, do, *gd[2], off),
     }
     return fns, args
 

@@ -7,12 +7,13 @@ Pipeline (q [B, Tq, HQ, D], k/v [B, Tk, H, D], any G = HQ / H):
     o_slc    = selection attention over idx                        gpu_selection
     o_swa    = sliding-window attention                            gpu_flash ("swa")
     o        = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa              XLA
-The whole pipeline is one `jax.custom_vjp`: its backward computes the gate gradients, the three
-branch cotangents gate * do and their deltas in one pass over do and the branch outputs, runs each
-branch's backward kernels, and sums the branches' dq, dk, dv (the pooling's transpose adds the
-compression dk, dv). On CPU pass interpret=True. The two flash forwards run `gpu_mosaic`
-(Mosaic-GPU lowering) when it is available (Hopper) and the query offset is static; every other
-kernel, and those forwards otherwise, are Triton-lowered.
+The whole pipeline is one `jax.custom_vjp`: its backward computes the gate gradients and the three
+deltas in one pass over do and the branch outputs, then runs each branch's backward kernels on do
+itself with the branch's gate and delta (no per-branch cotangent gate * do is written), and sums
+the branches' dq, dk, dv (the pooling's transpose adds the compression dk, dv). On CPU pass
+interpret=True. The two flash forwards run `gpu_mosaic` (Mosaic-GPU lowering) when it is
+available (Hopper) and the query offset is static; every other kernel, and those forwards
+otherwise, are Triton-lowered.
 """
 
 from __future__ import annotations
@@ -125,23 +126,21 @@ def _nsa_fwd(q, k, v, g_cmp, g_slc, g_swa, off, cfg, block_count):
 
 
 def _nsa_bwd(cfg: BranchConfig, block_count: int, res: Residuals, cts):
-    """One pass over do and the branch outputs gives the gate gradients, each branch's cotangent
-    gate * do and its delta rowsum(o * gate * do) = gate * rowsum(o * do); then each branch's
-    backward kernels. (Kernels that take do with the gate instead of gate * do measured slower:
-    benchmarks/RESULTS.md, 2026-12-04.)"""
+    """Each branch's backward takes the gated sum's cotangent with its gate and delta (its own
+    cotangent gate * do is never formed); one pass over do and the branch outputs gives the gate
+    gradients and the deltas."""
     del block_count
     do = cts[0]
     q, k, v = res.q, res.k, res.v
     dots = [out_dot(o, do) for o in res.outs]  # the gates' gradients
     gates = [g.astype(jnp.float32) for g in res.gates]
     deltas = [g * x for g, x in zip(gates, dots, strict=True)]
-    d_outs = [(g[..., None] * do.astype(jnp.float32)).astype(do.dtype) for g in gates]
     flash = dict(
         scale=cfg.scale, block_size=cfg.block_size, window=cfg.window, interpret=cfg.interpret
     )
     (lse_cmp, lse_slc, lse_swa), off = res.lses, res.off
     dq_c, dkc, dvc = gpu_flash.flash_bwd(
-        q, res.kc, res.vc, lse_cmp, d_outs[0], deltas[0], off, mode="cmp", **flash
+        q, res.kc, res.vc, lse_cmp, do, gates[0], deltas[0], off, mode="cmp", **flash
     )
     dq_s, dk_s, dv_s = gpu_selection.selection_bwd(
         q,
@@ -150,7 +149,8 @@ def _nsa_bwd(cfg: BranchConfig, block_count: int, res: Residuals, cts):
         res.idx,
         res.index,
         lse_slc,
-        d_outs[1],
+        do,
+        gates[1],
         deltas[1],
         off,
         scale=cfg.scale,
@@ -158,7 +158,7 @@ def _nsa_bwd(cfg: BranchConfig, block_count: int, res: Residuals, cts):
         interpret=cfg.interpret,
     )
     dq_w, dk_w, dv_w = gpu_flash.flash_bwd(
-        q, k, v, lse_swa, d_outs[2], deltas[2], off, mode="swa", **flash
+        q, k, v, lse_swa, do, gates[2], deltas[2], off, mode="swa", **flash
     )
     _, pool_vjp = jax.vjp(lambda x: mean_pool(x, cfg.block_size), k)
 
