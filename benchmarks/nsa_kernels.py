@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import bench  # noqa: E402
 from pallas_kernels.nsa import gpu_flash, gpu_mosaic, gpu_selection, reference  # noqa: E402
 from pallas_kernels.nsa import gpu_topk as select_module  # noqa: E402
-from pallas_kernels.nsa.gpu import BranchConfig, flash_forward, nsa_gpu  # noqa: E402
-from pallas_kernels.nsa.gpu_common import out_dot  # noqa: E402
+from pallas_kernels.nsa.gpu import BranchConfig, flash_forward, nsa_branches, nsa_gpu  # noqa: E402
 from pallas_kernels.nsa.gpu_topk import select_blocks  # noqa: E402
 
 HQ, H, D, BS, S, W = 28, 4, 128, 64, 32, 256
@@ -119,8 +118,7 @@ def check(t: int, grads: bool) -> None:
     # Block indices on fp32 inputs: our whole path (lse + top-k) vs the reference's.
     q, k, v, gates, _ = inputs(t, jnp.float32, seed=2)
     with jax.default_matmul_precision("highest"):
-        ours = jax.jit(functools.partial(nsa_gpu, return_block_indices=True, **KW))
-        _, idx = ours(q, k, v, *gates)
+        _, _, _, idx = jax.jit(functools.partial(nsa_branches, **KW))(q, k, v)
         kc = reference.mean_pool(k, BS)
         _, lse = jax.jit(
             functools.partial(reference.compression_attention, block_size=BS, scale=SCALE)
@@ -143,10 +141,8 @@ def check(t: int, grads: bool) -> None:
 
 
 def branch_fns(t: int) -> tuple[dict, dict]:
-    """Jitted per-branch functions at length t and their arguments: name -> fn, name -> args.
-    The backwards take their gate and delta precomputed (as in `nsa_gpu`'s backward, where one
-    pass for all three branches computes them)."""
-    q, k, v, gates, do = inputs(t, jnp.bfloat16)
+    """Jitted per-branch functions at length t and their arguments: name -> fn, name -> args."""
+    q, k, v, _, do = inputs(t, jnp.bfloat16)
     off = jnp.zeros((1,), jnp.int32)
     kc, vc = reference.mean_pool(k, BS), reference.mean_pool(v, BS)
     fl = dict(scale=SCALE, block_size=BS, window=W, interpret=False)
@@ -176,16 +172,14 @@ def branch_fns(t: int) -> tuple[dict, dict]:
         q, k, v, idx, off
     )
     o_w, lse_w = fns["swa"](q, k, v, off)
-    g32 = [g.astype(jnp.float32) for g in gates]
-    gd = [(g, g * out_dot(o, do)) for g, o in zip(g32, (o_c, o_s, o_w), strict=True)]
     args = {
         "cmp": (q, kc, vc, off),
         "topk": (q, kc, lse_c, off),
         "slc": (q, k, v, idx, off),
         "swa": (q, k, v, off),
-        "cmp_bwd": (q, kc, vc, lse_c, do, *gd[0], off),
-        "slc_bwd": (q, k, v, idx, index, lse_s, do, *gd[1], off),
-        "swa_bwd": (q, k, v, lse_w, do, *gd[2], off),
+        "cmp_bwd": (q, kc, vc, o_c, lse_c, do, off),
+        "slc_bwd": (q, k, v, idx, index, o_s, lse_s, do, off),
+        "swa_bwd": (q, k, v, o_w, lse_w, do, off),
     }
     return fns, args
 

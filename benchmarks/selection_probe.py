@@ -151,8 +151,8 @@ def make_fwd(q_l2=False, store=True, evict=False, split=False, no_mask=False):
 
 
 def make_bwd(q_l2=False, store=True, evict=False, split=False, no_mask=False):
-    def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, gate_ref, ent_ref,
-             blk_ref, start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
+    def kern(off_ref, c0_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, ent_ref, blk_ref,
+             start_ref, end_ref, single_ref, pslot_ref, _dk_in, _dv_in, dk_ref, dv_ref,
              dk_part_ref, dv_part_ref, dqp_ref, *, g, scale, bs):  # fmt: skip
         refs = (off_ref, c0_ref, q_ref, k_ref, v_ref, ent_ref, blk_ref, start_ref, end_ref)
         it_ = _item(refs, dqp_ref.shape, gs.BWD_ROWS, g, bs, q_l2)
@@ -164,20 +164,18 @@ def make_bwd(q_l2=False, store=True, evict=False, split=False, no_mask=False):
             valid, loc, slot, tok, tok_load = it_.fetch(it)
             if evict:
                 q, do = (_gather(x, b, tok_load, head, valid, True) for x in (q_ref, do_ref))
-                lse2, delta, gate = (
-                    plgpu.load(x.at[b, tok_load, head], mask=valid, other=0.0)[:, None]
-                    for x in (lse_ref, dl_ref, gate_ref)
-                )
-                lse2 = lse2 * LOG2E
+                lse2 = plgpu.load(lse_ref.at[b, tok_load, head], mask=valid, other=0.0) * LOG2E
+                delta = plgpu.load(dl_ref.at[b, tok_load, head], mask=valid, other=0.0)
+                lse2, delta = lse2[:, None], delta[:, None]
             else:
-                refs = (q_ref, do_ref, lse_ref, dl_ref, gate_ref)
-                q, do, lse2, delta, gate = load_grad_rows(*refs, b, tok_load, head, valid)
+                rows = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok_load, head, valid)
+                q, do, lse2, delta = rows
             p = jnp.exp2(dot(q, k, trans_b=True) * scale * LOG2E - lse2)
             if masked:
                 last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)
                 p = jnp.where(j <= last[:, None], p, 0.0)
-            dv = dv + dot((p * gate).astype(do.dtype), do, trans_a=True)
-            ds = (p * (dot(do, v, trans_b=True) * gate - delta)).astype(q.dtype)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
             dk = dk + dot(ds, q, trans_a=True)
             if store:
                 dq = (dot(ds, k) * scale).astype(dqp_ref.dtype)

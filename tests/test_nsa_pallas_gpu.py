@@ -13,7 +13,6 @@ import pytest
 
 from pallas_kernels.nsa import gpu_flash, gpu_mosaic, nsa, reference
 from pallas_kernels.nsa.gpu import nsa_gpu
-from pallas_kernels.nsa.gpu_common import out_dot
 
 KW = dict(block_size=8, block_count=4, window_size=12)
 # Interpret-mode tests: block 8 is below Triton's MMA minimum (16), so they run on CPU only.
@@ -135,7 +134,7 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     21 queries at offset 24 of 45 keys, random cotangents; chunk 8 or 16 splits the queries into
     several chunks (the last one padded), 64 keeps one; the backward runs on the forward's chunks
     and inverse indices; work items of 4 entries cut every block's entries into several items.
-    Output and the gated branch's q/k/v grads vs the reference.
+    Output and q/k/v grads vs the reference.
     """
     from pallas_kernels.nsa import gpu_selection
 
@@ -143,7 +142,6 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
 
     q, k, v, _ = _inputs(21, 45, 1, g, 16, seed=10 + g)
     do = jax.random.normal(jax.random.PRNGKey(g), q.shape)
-    gate = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(g + 1), q.shape[:3]))
     scale = 0.25
     kc = reference.mean_pool(k, 8)
     _, lse = reference.compression_attention(q, kc, kc, block_size=8, scale=scale, q_offset=24)
@@ -154,10 +152,7 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     @jax.jit
     def ours(q, k, v):
         o, lse_s, index = gpu_selection.selection_fwd(q, k, v, idx, off, chunk=chunk, **kw)
-        delta = gate * out_dot(o, do)
-        return o, gpu_selection.selection_bwd(
-            q, k, v, idx, index, lse_s, do, gate, delta, off, **kw
-        )
+        return o, gpu_selection.selection_bwd(q, k, v, idx, index, o, lse_s, do, off, **kw)
 
     def ref(q, k, v):
         return reference.selection_attention(q, k, v, idx, block_size=8, scale=scale, q_offset=24)
@@ -165,7 +160,7 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
     o, grads = ours(q, k, v)
     ro, vjp = jax.vjp(ref, q, k, v)
     assert _rel(o, ro) < 1e-5
-    for name, a, b in zip("qkv", grads, vjp(do * gate[..., None]), strict=True):
+    for name, a, b in zip("qkv", grads, vjp(do), strict=True):
         assert _rel(a, b) < 1e-5, name
 
 
@@ -181,17 +176,15 @@ def test_selection_chunks_values_and_grads(g, chunk, item, monkeypatch):
 )
 def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w, monkeypatch):
     """The flash branches at lengths where the walks meet whole (unmasked) tiles of 64 keys / query
-    rows as well as boundary tiles: o, lse, and the gated branch's dq, dk, dv against the
-    reference. The "cmp" dk/dv pass cuts its query range into several splits (one per 2 query
-    tiles here)."""
+    rows as well as boundary tiles: o, lse, dq, dk, dv against the reference. The "cmp" dk/dv
+    pass cuts its query range into several splits (one per 2 query tiles here)."""
     monkeypatch.setattr(gpu_flash, "SPLIT_TILES", 2)
-    q, k, v, (gate, *_) = _inputs(tq, nk, 1, g, 32, seed=tq)
+    q, k, v, _ = _inputs(tq, nk, 1, g, 32, seed=tq)
     do = jax.random.normal(jax.random.PRNGKey(1), q.shape)
     kw = dict(mode=mode, scale=0.3, block_size=bs, window=w, interpret=True)
     offset = jnp.full((1,), off, jnp.int32)
     o, lse = gpu_flash.flash_fwd(q, k, v, offset, **kw)
-    delta = gate * out_dot(o, do)
-    dq, dk, dv = gpu_flash.flash_bwd(q, k, v, lse, do, gate, delta, offset, **kw)
+    dq, dk, dv = gpu_flash.flash_bwd(q, k, v, o, lse, do, offset, **kw)
 
     def ref(q, k, v):
         if mode == "cmp":
@@ -201,10 +194,10 @@ def test_flash_whole_and_boundary_tiles(mode, g, tq, nk, off, bs, w, monkeypatch
     if mode == "cmp":
         (ro, rlse), pull = jax.vjp(ref, q, k, v)
         np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), rtol=1e-5, atol=1e-5)
-        grads = pull((do * gate[..., None], jnp.zeros_like(rlse)))
+        grads = pull((do, jnp.zeros_like(rlse)))
     else:
         ro, pull = jax.vjp(ref, q, k, v)
-        grads = pull(do * gate[..., None])
+        grads = pull(do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (ro, *grads), strict=True):
         assert _rel(a, b) < 1e-5, name
 

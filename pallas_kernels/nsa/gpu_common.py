@@ -60,26 +60,15 @@ def load_stat(ref, b: Array, tok: Array, head: Array, valid: Array) -> Array:
 
 
 def load_grad_rows(
-    q_ref, do_ref, lse_ref, dl_ref, gate_ref, b: Array, tok: Array, head: Array, valid: Array
-) -> tuple[Array, Array, Array, Array, Array]:
-    """What a backward step gathers per packed row: q, do [R, D]; lse in log2 units, delta and
-    the branch's gate, each [R, 1] fp32 (masked rows: zeros).
-
-    do is the cotangent of the gated sum of the branches; the branch's own cotangent gate * do is
-    never formed: the kernels use dp = gate * (do @ v^T) and dv += (gate * p)^T @ do, with
-    delta = gate * rowsum(o * do) (`out_dot`)."""
+    q_ref, do_ref, lse_ref, dl_ref, b: Array, tok: Array, head: Array, valid: Array
+) -> tuple[Array, Array, Array, Array]:
+    """What a backward step gathers per packed row: q, do [R, D]; lse in log2 units and
+    delta = rowsum(o * do), [R, 1] fp32 (masked rows: zeros)."""
     q = load_rows(q_ref, b, tok, head, valid)
     do = load_rows(do_ref, b, tok, head, valid)
     lse2 = (load_stat(lse_ref, b, tok, head, valid) * LOG2E)[:, None]
     delta = load_stat(dl_ref, b, tok, head, valid)[:, None]
-    gate = load_stat(gate_ref, b, tok, head, valid)[:, None]
-    return q, do, lse2, delta, gate
-
-
-def out_dot(o: Array, do: Array) -> Array:
-    """rowsum(o * do) in fp32: [B, T, HQ, D] x2 -> [B, T, HQ] (a gate's gradient, and with the
-    gate a branch's delta)."""
-    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    return q, do, lse2, delta
 
 
 def store_stat(ref, b: Array, tok: Array, head: Array, valid: Array, x: Array) -> None:

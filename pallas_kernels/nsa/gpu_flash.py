@@ -5,8 +5,7 @@ Masks (query at absolute position t = q_offset + i, key j):
     "swa"  raw keys, sliding window: t - W < j <= t.
 
 Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, NK, H, D] (NK = NB for "cmp", Tk for "swa");
-lse [B, Tq, HQ] fp32 (natural log; -inf for a query that sees no key); the backward's delta and
-gate [B, Tq, HQ] fp32 (`flash_bwd`).
+lse, delta [B, Tq, HQ] fp32 (natural log; -inf for a query that sees no key).
 
 Kernels (rows = packed GQA rows of one KV head, see gpu_common):
     forward  grid (cdiv(Tq, R//G), B*H); a [R=64, D] query tile stays in registers; loop over
@@ -156,21 +155,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode, g, scale,
 
 
 def _dq_kernel(
-    off_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    dl_ref,
-    gate_ref,
-    dq_ref,
-    *,
-    mode,
-    g,
-    scale,
-    bs,
-    w,
+    off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *, mode, g, scale, bs, w
 ):
     tile, bh = pl.program_id(0), pl.program_id(1)
     _, tq, _, d = q_ref.shape
@@ -179,9 +164,7 @@ def _dq_kernel(
     off = off_ref[0]
     tok, head, valid = packed_rows(tile, DQ_ROWS, g, tq, h)
     t = (off + tok)[:, None]
-    q, do, lse2, delta, gate = load_grad_rows(
-        q_ref, do_ref, lse_ref, dl_ref, gate_ref, b, tok, head, valid
-    )
+    q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
     tokens = DQ_ROWS // g
     t_lo = off + tile * tokens
     t_hi = off + jnp.minimum((tile + 1) * tokens, tq) - 1
@@ -196,7 +179,7 @@ def _dq_kernel(
         if masked:
             j = (j0 + jnp.arange(DQ_KEYS, dtype=jnp.int32))[None, :]
             p = jnp.where(visible(mode, t, j, nk, bs, w), p, 0.0)
-        ds = p * (dot(do, v, trans_b=True) * gate - delta)
+        ds = p * (dot(do, v, trans_b=True) - delta)
         return dq + dot(ds.astype(k.dtype), k)
 
     first, stop = lo // DQ_KEYS, (hi + DQ_KEYS - 1) // DQ_KEYS
@@ -213,7 +196,6 @@ def _dkv_kernel(
     do_ref,
     lse_ref,
     dl_ref,
-    gate_ref,
     dk_ref,
     dv_ref,
     *,
@@ -244,15 +226,13 @@ def _dkv_kernel(
     def body(tile, carry, masked):
         dk, dv = carry
         tok, head, valid = packed_rows(tile, BWD_ROWS, g, tq, h)
-        q, do, lse2, delta, gate = load_grad_rows(
-            q_ref, do_ref, lse_ref, dl_ref, gate_ref, b, tok, head, valid
-        )
+        q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         p = jnp.exp2(dot(q, k, trans_b=True) * c - lse2)
         if masked:
             mask = visible(mode, (off + tok)[:, None], j, nk, bs, w) & valid[:, None]
             p = jnp.where(mask, p, 0.0)
-        dv = dv + dot((p * gate).astype(do.dtype), do, trans_a=True)
-        ds = p * (dot(do, v, trans_b=True) * gate - delta)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (dot(do, v, trans_b=True) - delta)
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
@@ -288,10 +268,9 @@ def flash_bwd(
     q,
     k,
     v,
+    o,
     lse,
     do,
-    gate,
-    delta,
     off,
     *,
     mode: str,
@@ -300,13 +279,11 @@ def flash_bwd(
     window: int,
     interpret: bool,
 ) -> tuple[Array, Array, Array]:
-    """Backward of one branch within the gated sum -> (dq, dk, dv) in the input dtypes.
-
-    do: the gated sum's cotangent [B, Tq, HQ, D]; gate [B, Tq, HQ] fp32: this branch's gate (its
-    output's cotangent is gate * do); delta = gate * out_dot(o, do) [B, Tq, HQ] fp32."""
+    """Backward of one branch -> (dq, dk, dv) in the input dtypes."""
     bsz, tq, hq, d = q.shape
     nk, h = k.shape[1], k.shape[2]
     g = hq // h
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     st = _static(mode, g, scale, block_size, window)
     dq = call(
         functools.partial(_dq_kernel, **st),
@@ -321,7 +298,6 @@ def flash_bwd(
         do,
         lse,
         delta,
-        gate,
     )
     q_tiles = pl.cdiv(tq, BWD_ROWS // g)
     splits = 1 if mode == "swa" else max(1, min(MAX_SPLITS, q_tiles // SPLIT_TILES))
@@ -339,6 +315,5 @@ def flash_bwd(
         do,
         lse,
         delta,
-        gate,
     )
     return dq, dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)

@@ -1,7 +1,7 @@
 """Selection attention (one softmax over the tokens of the S selected blocks) in Pallas-Triton.
 
 Shapes: q, o, do, dq [B, Tq, HQ, D]; k, v [B, Tk, H, D]; idx int32 [B, Tq, H, S] (-1 = unused);
-lse, delta, gate [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
+lse, delta [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a selected block iff j <= t.
 
     forward  KV-block-major, over query chunks of C tokens (`_chunk_size`: equal chunks whose
              partials fit PARTIAL_BYTES, 16384 at 128K, 28 heads, D=128, S=32, bf16), run one
@@ -18,14 +18,13 @@ lse, delta, gate [B, Tq, HQ] fp32. Query t = q_offset + i sees key j of a select
              by L2 bandwidth).
     backward KV-block-major over the forward's chunks and inverse indices (no second sort),
              one fused pass per chunk: grid (items, B*H), a program keeps its [BS, D] K
-             and V block resident while the gathered packed rows [64, D] (q, do, lse, delta,
-             gate) of its entries stream through; p is recomputed from lse. It accumulates
-             dK/dV for the block in fp32 registers and writes each (token, slot)'s dq = ds @ K
-             (in q.dtype) to a partial [B, C, S, HQ, D]; a sum kernel adds the S partials per
-             (token, head) into dq in place (unused slots never read). A block's only work
-             item adds its dK/dV to the fp32 block accumulators in place (aliased); the items of
-             a block cut into several (block 0, the blocks of early chunks) write partials that
-             XLA scatter-adds.
+             and V block resident while the gathered packed rows [64, D] (q, do, lse, delta) of
+             its entries stream through; p is recomputed from lse. It accumulates dK/dV for the
+             block in fp32 registers and writes each (token, slot)'s dq = ds @ K (in q.dtype) to
+             a partial [B, C, S, HQ, D]; a sum kernel adds the S partials per (token, head) into
+             dq in place (unused slots never read). A block's only work item adds its dK/dV to
+             the fp32 block accumulators in place (aliased); the items of a block cut into
+             several (block 0, the blocks of early chunks) write partials that XLA scatter-adds.
              No atomics, no per-token walk over the S blocks (which read 1 MiB of K/V per
              (token, KV head)): at 128K 72.4 ms vs 100.6 ms for the walk + a separate dK/dV pass.
     inverse  per chunk, a CSR of (token, slot) entries per block (one flat CUB radix sort), cut
@@ -93,7 +92,6 @@ def _bwd_chunk_kernel(
     do_ref,
     lse_ref,
     dl_ref,
-    gate_ref,
     ent_ref,
     blk_ref,
     start_ref,
@@ -135,13 +133,11 @@ def _bwd_chunk_kernel(
     def body(it, carry):
         dk, dv = carry
         valid, loc, slot, tok = step_rows(ent_ref, b, h, e0, e1, it, r, g, c0, tq, chunk, s_count)
-        q, do, lse2, delta, gate = load_grad_rows(
-            q_ref, do_ref, lse_ref, dl_ref, gate_ref, b, tok, head, valid
-        )
+        q, do, lse2, delta = load_grad_rows(q_ref, do_ref, lse_ref, dl_ref, b, tok, head, valid)
         last = jnp.where(valid, jnp.minimum(off + tok, tk - 1), -1)  # as in the forward
         p = jnp.where(j <= last[:, None], jnp.exp2(dot(q, k, trans_b=True) * c - lse2), 0.0)
-        dv = dv + dot((p * gate).astype(do.dtype), do, trans_a=True)
-        ds = (p * (dot(do, v, trans_b=True) * gate - delta)).astype(q.dtype)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = (p * (dot(do, v, trans_b=True) - delta)).astype(q.dtype)
         dk = dk + dot(ds, q, trans_a=True)
         plgpu.store(
             dqp_ref.at[b, loc[:, None], slot[:, None], head[:, None], dd],
@@ -467,10 +463,9 @@ def selection_bwd(
     v,
     idx,
     index: ChunkIndex,
+    o,
     lse,
     do,
-    gate,
-    delta,
     off,
     *,
     scale: float,
@@ -478,14 +473,14 @@ def selection_bwd(
     interpret: bool,
 ) -> tuple[Array, Array, Array]:
     """KV-block-major backward over the forward's chunks (index from `selection_fwd`) ->
-    (dq, dk, dv) in the input dtypes. do, gate, delta: as in `gpu_flash.flash_bwd` (the gated
-    sum's cotangent, this branch's gate, gate * out_dot(o, do))."""
+    (dq, dk, dv) in the input dtypes."""
     bsz, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
     n_chunks, chunk = index.entries.shape[0], index.entries.shape[-1] // s
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     kern = functools.partial(_bwd_chunk_kernel, g=g, scale=scale, bs=block_size)
     # Items of blocks cut into several: such a block has > ITEM entries, so there are <= 2 *
     # entries / ITEM of them; the index has NI = NB + ceil(entries / ITEM) items.
@@ -501,7 +496,7 @@ def selection_bwd(
         c, ci = xs
         c0 = c * chunk
         single, pslot, seg = _multi_item_slots(ci.block, n_multi, nb)
-        args = (off, c0.reshape(1), q, k, v, do, lse, delta, gate, *ci, single, pslot)
+        args = (off, c0.reshape(1), q, k, v, do, lse, delta, *ci, single, pslot)
         dk, dv, dk_p, dv_p, dqp = call(
             kern,
             (n_items, bsz * h),
