@@ -191,9 +191,11 @@ def branch_times(t: int) -> dict[str, float]:
 
 
 def timings(seqs: list[int], dense: bool) -> None:
+    """The timing tables, shortest length first: the peak-memory column reads the process-wide
+    peak, which a longer length run earlier would already have raised."""
     dev = jax.devices()[0]
     rows, split_rows = [], []
-    for t in seqs:
+    for t in sorted(seqs):
         try:
             one_length(t, dev, dense, rows, split_rows)
         except Exception:
