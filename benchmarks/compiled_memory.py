@@ -20,15 +20,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.nsa_kernels import BS, HQ, D, H, W  # noqa: E402
 from pallas_kernels.nsa import gpu_selection  # noqa: E402
 from pallas_kernels.nsa.gpu import nsa_gpu  # noqa: E402
-
-HQ, H, D, BS, W = 28, 4, 128, 64, 256
 
 
 def temp_bytes(t: int, chunks: int, blocks: int) -> int:
     """XLA's temp buffer bytes for the NSA fwd+bwd at length t with `chunks` selection chunks."""
-    per_token = blocks * HQ * (D * 2 + 4)  # the forward's bf16 partial o + fp32 lse per query
+    per_token = gpu_selection.partial_bytes_per_query(blocks, HQ, D, jnp.bfloat16)
     gpu_selection.PARTIAL_BYTES = -(-t * per_token // chunks)
     interpret = jax.devices()[0].platform == "cpu"
     kw = dict(block_size=BS, block_count=blocks, window_size=W, interpret=interpret)
@@ -51,7 +50,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--blocks", type=int, default=16, help="selected blocks per query")
     a = ap.parse_args()
-    partials = a.seq * a.blocks * HQ * (D * 2 + 4) / a.chunks / 2**20
+    per_token = gpu_selection.partial_bytes_per_query(a.blocks, HQ, D, jnp.bfloat16)
+    partials = a.seq * per_token / a.chunks / 2**20
     temp = temp_bytes(a.seq, a.chunks, a.blocks) / 2**20
     print(
         f"{jax.devices()[0].device_kind}: T={a.seq}, {a.chunks} chunks, {a.blocks} blocks: "

@@ -227,6 +227,12 @@ def _fwd_chunk_kernel(
     lax.fori_loop(0, (e1 - e0 + per - 1) // per, body, jnp.int32(0))
 
 
+def partial_bytes_per_query(s: int, hq: int, d: int, dtype) -> int:
+    """Bytes of the forward's per-(token, slot) partials per query: o in `dtype` and fp32 lse for
+    each of the S slots and HQ heads (what PARTIAL_BYTES budgets per chunk)."""
+    return s * hq * (d * jnp.dtype(dtype).itemsize + 4)
+
+
 def _chunk_size(tq: int, per_token: int, budget: float) -> int:
     """Queries per chunk: the fewest equal chunks whose partials (per_token bytes per query) fit
     `budget`, rounded up to a multiple of 64 (16384 at 128K, 28 heads, D=128, S=32, bf16)."""
@@ -342,7 +348,7 @@ def selection_fwd(
     tk, h = k.shape[1], k.shape[2]
     g, s = hq // h, idx.shape[-1]
     nb = -(-tk // block_size)
-    per_token = s * hq * (d * q.dtype.itemsize + 4)
+    per_token = partial_bytes_per_query(s, hq, d, q.dtype)
     chunk = min(chunk or _chunk_size(tq, per_token, PARTIAL_BYTES), tq)
     n_chunks = -(-tq // chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)), constant_values=-1)
